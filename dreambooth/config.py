@@ -1,0 +1,431 @@
+"""The training config: one typed, versioned source of truth for every setting.
+
+``db_config.json`` in a model dir holds a :class:`TrainConfig` with its :class:`Concept` list. Each field
+carries its label, help text, group, default and range in its metadata, so the UI, the CLI flags and the API
+schema are all built from here (see :func:`field_specs`) and cannot drift.
+
+Loading validates every value and names the bad field with what it expected. Keys from older versions are
+migrated; keys nobody knows are kept (``TrainConfig.unknown``), written back on save and reported, never dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .atomic import write_json
+from .errors import ConfigError
+from .families import FAMILY_IDS
+
+log = logging.getLogger(__name__)
+
+CONFIG_VERSION = 1
+CONFIG_FILE = "db_config.json"
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "linear_with_warmup", "cosine",
+                 "cosine_with_restarts", "polynomial")
+OPTIMIZERS = ("adamw", "adamw_8bit", "lion", "adafactor", "dadaptation", "prodigy")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+ATTENTION = ("auto", "default", "xformers", "sdp")
+SAMPLE_SCHEDULERS = ("ddim", "pndm", "lms", "euler", "euler_a", "dpmpp_2m", "unipc")
+LONG_PROMPTS = ("truncate", "chunk")
+EXPORT_DTYPES = ("fp16", "fp32", "bf16")
+
+
+def setting(default: Any, label: str, help: str, group: str, *, minimum: float | None = None,
+            maximum: float | None = None, choices: tuple[str, ...] | None = None, ui: bool = True) -> Any:
+    """A dataclass field with the metadata the UI, CLI and API are generated from."""
+    meta = {"label": label, "help": help, "group": group, "min": minimum, "max": maximum, "choices": choices,
+            "ui": ui}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Concept:
+    """One thing to teach: instance images and prompt, optional class images for prior preservation, previews."""
+
+    instance_data_dir: str = setting("", "Instance images folder", "Folder with the images of your subject.",
+                                     "instance")
+    instance_prompt: str = setting("", "Instance prompt",
+                                   "Prompt for the instance images. [filewords] is replaced by each image's "
+                                   "caption; the instance and class tokens are substituted into it.", "instance")
+    instance_token: str = setting("", "Instance token", "The rare word that names your subject, e.g. 'ohwx'.",
+                                  "instance")
+    class_token: str = setting("", "Class token", "The word for the subject's class, e.g. 'dog'.", "instance")
+    repeats: int = setting(1, "Repeats", "How often each instance image is seen per epoch.", "instance",
+                           minimum=1, maximum=1000)
+    class_data_dir: str = setting("", "Class images folder",
+                                  "Folder for class (regularisation) images; empty uses the model dir's own.",
+                                  "class")
+    class_prompt: str = setting("", "Class prompt", "Prompt for generating and training on class images.",
+                                "class")
+    class_negative_prompt: str = setting("", "Class negative prompt", "Negative prompt for class image generation.",
+                                         "class")
+    num_class_images_per: int = setting(0, "Class images per instance image",
+                                        "0 turns prior preservation off for this concept.", "class",
+                                        minimum=0, maximum=1000)
+    class_guidance_scale: float = setting(7.5, "Class guidance scale", "CFG scale when generating class images.",
+                                          "class", minimum=1.0, maximum=30.0)
+    class_infer_steps: int = setting(30, "Class generation steps", "Sampling steps per generated class image.",
+                                     "class", minimum=1, maximum=200)
+    sample_prompt: str = setting("", "Sample prompt", "Prompt for preview images; empty uses the instance prompt.",
+                                 "samples")
+    sample_negative_prompt: str = setting("", "Sample negative prompt", "Negative prompt for preview images.",
+                                          "samples")
+    sample_template_file: str = setting("", "Sample prompt template file",
+                                        "A text file with one preview prompt per line.", "samples")
+    n_samples: int = setting(1, "Number of samples", "Preview images per preview round.", "samples",
+                             minimum=0, maximum=100)
+    sample_seed: int = setting(-1, "Sample seed", "-1 picks a random seed each round.", "samples",
+                               minimum=-1, maximum=2**32 - 1)
+    sample_guidance_scale: float = setting(7.5, "Sample guidance scale", "CFG scale for previews.", "samples",
+                                           minimum=1.0, maximum=30.0)
+    sample_steps: int = setting(20, "Sample steps", "Sampling steps for previews.", "samples",
+                                minimum=1, maximum=200)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides the weights in ``working/``."""
+
+    config_version: int = setting(CONFIG_VERSION, "Config version", "Schema version of this file.", "model",
+                                  ui=False)
+    model_name: str = setting("", "Model name", "Name of the model dir.", "model", ui=False)
+    family: str = setting("sd1", "Model type", "SD 1.x, SD 2.x 512, SD 2.x 768-v or SDXL base.", "model",
+                          choices=FAMILY_IDS, ui=False)
+    source_checkpoint: str = setting("", "Source checkpoint", "The checkpoint this model was created from.",
+                                     "model", ui=False)
+    source_sha256: str = setting("", "Source hash", "sha256 of the source checkpoint file.", "model", ui=False)
+    revision: int = setting(0, "Steps trained", "Total optimizer steps trained so far.", "model", minimum=0,
+                            ui=False)
+    epochs_trained: int = setting(0, "Epochs trained", "Total epochs trained so far.", "model", minimum=0,
+                                  ui=False)
+
+    # intervals
+    epochs: int = setting(100, "Training steps per image (epochs)",
+                          "Each image is seen this many times (times its concept's repeats).", "intervals",
+                          minimum=1, maximum=100000)
+    pause_every_n_epochs: int = setting(0, "Pause after N epochs", "0 never pauses.", "intervals",
+                                        minimum=0, maximum=100000)
+    pause_seconds: float = setting(0.0, "Pause length (s)", "Seconds to pause, e.g. to let the GPU cool.",
+                                   "intervals", minimum=0.0, maximum=3600.0)
+    save_every_n_epochs: int = setting(25, "Save model every N epochs", "0 saves only at the end.", "intervals",
+                                       minimum=0, maximum=100000)
+    preview_every_n_epochs: int = setting(5, "Save previews every N epochs", "0 makes no previews.", "intervals",
+                                          minimum=0, maximum=100000)
+    save_on_cancel: bool = setting(True, "Save on cancel", "Save the model when training is cancelled.",
+                                   "intervals")
+
+    # batching
+    train_batch_size: int = setting(1, "Batch size", "Images per step.", "batching", minimum=1, maximum=256)
+    gradient_accumulation_steps: int = setting(1, "Gradient accumulation steps",
+                                               "Steps whose gradients are summed before one optimizer update.",
+                                               "batching", minimum=1, maximum=1024)
+    gradient_checkpointing: bool = setting(True, "Gradient checkpointing",
+                                           "Recompute activations in backward: much less memory, ~20% slower.",
+                                           "batching")
+    set_grads_to_none: bool = setting(True, "Set gradients to None",
+                                      "Free gradient memory between steps instead of zeroing it.", "batching")
+    max_grad_norm: float = setting(1.0, "Max gradient norm", "Clip gradients to this norm; 0 turns clipping off.",
+                                   "batching", minimum=0.0, maximum=1000.0)
+
+    # learning rate and optimizer
+    learning_rate: float = setting(2e-6, "Learning rate", "UNet learning rate.", "learning_rate",
+                                   minimum=0.0, maximum=1.0)
+    text_encoder_learning_rate: float = setting(1e-6, "Text encoder learning rate",
+                                                "Learning rate of the text encoder(s) while they train.",
+                                                "learning_rate", minimum=0.0, maximum=1.0)
+    lr_scheduler: str = setting("constant_with_warmup", "Learning rate scheduler", "How the LR changes over steps.",
+                                "learning_rate", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = setting(0, "Warmup steps", "Steps of linear warmup from 0.", "learning_rate",
+                                   minimum=0, maximum=1000000)
+    lr_cycles: int = setting(1, "Cosine restarts (cycles)", "Cycles of cosine_with_restarts.", "learning_rate",
+                             minimum=1, maximum=1000)
+    lr_power: float = setting(1.0, "Polynomial power", "Power of the polynomial decay.", "learning_rate",
+                              minimum=0.0, maximum=10.0)
+    optimizer: str = setting("adamw", "Optimizer", "8-bit AdamW needs bitsandbytes; DAdaptation and Prodigy need "
+                             "their packages.", "learning_rate", choices=OPTIMIZERS)
+    weight_decay: float = setting(1e-2, "Weight decay", "Decoupled weight decay.", "learning_rate",
+                                  minimum=0.0, maximum=1.0)
+    adam_beta1: float = setting(0.9, "Adam beta1", "First-moment decay.", "learning_rate", minimum=0.0, maximum=1.0)
+    adam_beta2: float = setting(0.999, "Adam beta2", "Second-moment decay.", "learning_rate",
+                                minimum=0.0, maximum=1.0)
+    adam_epsilon: float = setting(1e-8, "Adam epsilon", "Numerical floor of the denominator.", "learning_rate",
+                                  minimum=0.0, maximum=1.0)
+
+    # performance and memory
+    mixed_precision: str = setting("fp16", "Mixed precision", "bf16 needs an Ampere or newer GPU.", "performance",
+                                   choices=MIXED_PRECISION)
+    attention: str = setting("auto", "Memory attention",
+                             "auto follows the WebUI's own choice (xformers / SDP / default).", "performance",
+                             choices=ATTENTION)
+    cache_latents: bool = setting(True, "Cache latents", "Encode each image once with the VAE and reuse it.",
+                                  "performance")
+    train_unet: bool = setting(True, "Train UNet", "Off trains only the text encoder.", "performance")
+    text_encoder_ratio: float = setting(0.0, "Text encoder step ratio",
+                                        "Train the text encoder(s) for this fraction of the steps (0 = never).",
+                                        "performance", minimum=0.0, maximum=1.0)
+    use_ema: bool = setting(False, "EMA", "Keep an exponential moving average of the UNet weights.", "performance")
+    ema_decay: float = setting(0.9999, "EMA decay", "Weight of the old average at each step.", "performance",
+                               minimum=0.0, maximum=1.0)
+    seed: int = setting(1234, "Seed", "Seed for noise, timesteps and data order.", "performance",
+                        minimum=0, maximum=2**32 - 1)
+
+    # image processing and prompts
+    resolution: int = setting(0, "Max resolution", "Longest bucket side in pixels; 0 uses the model's native one.",
+                              "images", minimum=0, maximum=4096)
+    enable_buckets: bool = setting(True, "Aspect ratio buckets",
+                                   "Train each image near its own aspect ratio instead of a square crop.", "images")
+    hflip: bool = setting(False, "Horizontal flip", "Randomly mirror images.", "images")
+    shuffle_tags: bool = setting(False, "Shuffle tags", "Shuffle comma-separated caption tags each step.", "images")
+    keep_tokens: int = setting(0, "Keep N tokens", "Leading caption tags kept in place when shuffling.", "images",
+                               minimum=0, maximum=75)
+    long_prompts: str = setting("truncate", "Prompts over 75 tokens",
+                                "truncate (with a warning) or chunk into 75-token windows like the WebUI.", "images",
+                                choices=LONG_PROMPTS)
+
+    # loss and text encoder
+    prior_loss_weight: float = setting(1.0, "Prior loss weight", "Weight of the class-image loss.", "loss",
+                                       minimum=0.0, maximum=100.0)
+    offset_noise: float = setting(0.0, "Offset noise", "Adds per-channel noise offsets: darker darks, brighter "
+                                  "brights. 0 is off; 0.05-0.1 is usual.", "loss", minimum=0.0, maximum=1.0)
+    min_snr_gamma: float = setting(0.0, "Min-SNR gamma", "Min-SNR loss weighting; 0 is off, 5 is usual.", "loss",
+                                   minimum=0.0, maximum=100.0)
+    freeze_clip_normalization: bool = setting(False, "Freeze CLIP normalization layers",
+                                              "Keep the text encoder's LayerNorms fixed while it trains.", "loss")
+    clip_skip: int = setting(1, "Clip skip", "Use the output of the N-th last text encoder layer (1 = last).",
+                             "loss", minimum=1, maximum=12)
+
+    # saving
+    save_checkpoint: bool = setting(True, "Export a checkpoint at each save",
+                                    "Write a .safetensors the WebUI can load.", "saving")
+    export_dtype: str = setting("fp16", "Checkpoint precision", "fp16 halves the file size.", "saving",
+                                choices=EXPORT_DTYPES)
+    export_ema: bool = setting(False, "Export EMA weights", "Write the EMA UNet as the checkpoint's UNet.", "saving")
+    keep_resume_states: int = setting(2, "Resume states to keep", "Older resume states are deleted.", "saving",
+                                      minimum=1, maximum=100)
+    sample_scheduler: str = setting("dpmpp_2m", "Preview scheduler", "Sampler for previews and class images.",
+                                    "saving", choices=SAMPLE_SCHEDULERS)
+
+    concepts: list[Concept] = field(default_factory=list, metadata={"label": "Concepts", "help": "", "group": "",
+                                                                    "ui": False})
+    concepts_list_file: str = setting("", "Concepts list file",
+                                      "A JSON file with a list of concepts that replaces the panels.", "concepts")
+    unknown: dict[str, Any] = field(default_factory=dict, metadata={"label": "", "help": "", "group": "",
+                                                                    "ui": False})
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        unknown = data.pop("unknown")
+        data.update(unknown)  # written back as they came, so nothing is lost
+        return data
+
+    def save(self, model_dir: str | Path) -> Path:
+        path = Path(model_dir) / CONFIG_FILE
+        write_json(path, self.to_dict())
+        return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# metadata for the UI, CLI and API
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    name: str
+    type: type
+    default: Any
+    label: str
+    help: str
+    group: str
+    minimum: float | None
+    maximum: float | None
+    choices: tuple[str, ...] | None
+    ui: bool
+
+
+def field_specs(cls: type = TrainConfig) -> list[FieldSpec]:
+    """Every plain setting of ``cls`` (TrainConfig or Concept) with its metadata, in declaration order."""
+    specs = []
+    types = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in ("concepts", "unknown"):
+            continue
+        m = f.metadata
+        specs.append(FieldSpec(f.name, types[f.name], f.default, m["label"], m["help"], m["group"], m["min"],
+                               m["max"], m["choices"], m["ui"]))
+    return specs
+
+
+def _field_types(cls: type) -> dict[str, type]:
+    names = {"int": int, "float": float, "bool": bool, "str": str}
+    return {f.name: names.get(str(f.type), object) for f in dataclasses.fields(cls)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# validation and migration
+
+# key in an older config (ours before v1, or the old DreamBooth extension's) -> key now
+RENAMED_KEYS = {
+    "num_train_epochs": "epochs",
+    "epoch_pause_frequency": "pause_every_n_epochs",
+    "epoch_pause_time": "pause_seconds",
+    "save_embedding_every": "save_every_n_epochs",
+    "save_preview_every": "preview_every_n_epochs",
+    "stop_text_encoder": "text_encoder_ratio",
+    "learning_rate_txt": "text_encoder_learning_rate",
+    "half_model": "export_dtype",
+    "use_8bit_adam": "optimizer",
+    "src": "source_checkpoint",
+    "model_type": "family",
+}
+CONCEPT_RENAMED_KEYS = {
+    "save_sample_prompt": "sample_prompt",
+    "save_sample_negative_prompt": "sample_negative_prompt",
+    "save_sample_template": "sample_template_file",
+    "n_save_sample": "n_samples",
+    "save_guidance_scale": "sample_guidance_scale",
+    "save_infer_steps": "sample_steps",
+    "num_repeats": "repeats",
+}
+_VALUE_MIGRATIONS = {
+    # old key -> function(old value) giving the new key's value
+    "half_model": lambda v: "fp16" if v else "fp32",
+    "use_8bit_adam": lambda v: "adamw_8bit" if v else "adamw",
+}
+
+
+def coerce(name: str, spec: FieldSpec, value: Any) -> Any:
+    """Check one value against its spec; return it (ints accepted for floats) or raise ConfigError naming the field."""
+    expected = _describe(spec)
+    if spec.type is bool:
+        ok = isinstance(value, bool)
+    elif spec.type is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif spec.type is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if ok:
+            value = float(value)
+    elif spec.type is str:
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise ConfigError(f"{name}: expected {expected}, got {value!r} ({type(value).__name__})",
+                          "fix the value in db_config.json or the form")
+    if spec.choices is not None and value not in spec.choices:
+        raise ConfigError(f"{name}: expected one of {', '.join(spec.choices)}, got {value!r}",
+                          "pick one of the listed values")
+    if spec.minimum is not None and value < spec.minimum or spec.maximum is not None and value > spec.maximum:
+        raise ConfigError(f"{name}: expected {expected}, got {value!r}", "use a value inside the range")
+    return value
+
+
+def _describe(spec: FieldSpec) -> str:
+    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(spec.type, "a value")
+    if spec.minimum is not None and spec.maximum is not None:
+        return f"{kind} from {spec.minimum:g} to {spec.maximum:g}"
+    if spec.minimum is not None:
+        return f"{kind} >= {spec.minimum:g}"
+    return kind
+
+
+def _migrate_keys(data: dict[str, Any], renamed: dict[str, str], where: str, notes: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        new = renamed.get(key)
+        if new is not None and new != key:
+            if key in _VALUE_MIGRATIONS:
+                value = _VALUE_MIGRATIONS[key](value)
+            if new in data:
+                notes.append(f"{where}{key}: dropped in favour of {new}, which is also set")
+                continue
+            notes.append(f"{where}{key} migrated to {new}")
+            out[new] = value
+        else:
+            out[key] = value
+    return out
+
+
+def concept_from_dict(data: Any, where: str = "concept", notes: list[str] | None = None) -> Concept:
+    notes = notes if notes is not None else []
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected an object with concept settings, got {type(data).__name__}",
+                          "each concept is a JSON object like {\"instance_data_dir\": ..., \"instance_prompt\": ...}")
+    data = _migrate_keys(data, CONCEPT_RENAMED_KEYS, f"{where}.", notes)
+    specs = {s.name: s for s in field_specs(Concept)}
+    values = {}
+    for key, value in data.items():
+        if key not in specs:
+            raise ConfigError(f"{where}.{key}: unknown concept setting",
+                              f"known settings: {', '.join(sorted(specs))}")
+        values[key] = coerce(f"{where}.{key}", specs[key], value)
+    return Concept(**values)
+
+
+def config_from_dict(data: Any) -> tuple[TrainConfig, list[str]]:
+    """Validate and migrate a config dict. Returns the config and notes on what was migrated or kept unknown."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a JSON object, got {type(data).__name__}",
+                          "db_config.json must hold one JSON object")
+    notes: list[str] = []
+    version = data.get("config_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ConfigError(f"config_version: expected an integer, got {version!r}", "set it to 1")
+    if version > CONFIG_VERSION:
+        raise ConfigError(f"config_version {version} was written by a newer version of this extension "
+                          f"(this one reads up to {CONFIG_VERSION})", "update the extension")
+    data = _migrate_keys(dict(data), RENAMED_KEYS, "", notes)
+    data["config_version"] = CONFIG_VERSION
+    specs = {s.name: s for s in field_specs(TrainConfig)}
+    values: dict[str, Any] = {}
+    unknown: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "concepts":
+            if not isinstance(value, list):
+                raise ConfigError(f"concepts: expected a list of concepts, got {type(value).__name__}",
+                                  "write concepts as a JSON list")
+            values["concepts"] = [concept_from_dict(c, f"concepts[{i}]", notes) for i, c in enumerate(value)]
+        elif key in specs:
+            values[key] = coerce(key, specs[key], value)
+        else:
+            unknown[key] = value
+    if unknown:
+        notes.append(f"kept unknown settings (not used, written back on save): {', '.join(sorted(unknown))}")
+    cfg = TrainConfig(**values, unknown=unknown)
+    for note in notes:
+        log.warning("%s", note)
+    return cfg, notes
+
+
+def load_config(model_dir: str | Path) -> TrainConfig:
+    path = Path(model_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist", "create the model first, or pick another model dir")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}", "fix the file or restore it from backups/") from None
+    return config_from_dict(data)[0]
+
+
+def load_concepts_file(path: str | Path) -> list[Concept]:
+    """A concepts-list JSON file: a list of concept objects (the old extension's format is migrated)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"concepts list file {path} does not exist", "fix the path or clear the field")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"concepts list file {path} is not valid JSON: {err}", "fix the file") from None
+    if not isinstance(data, list):
+        raise ConfigError(f"concepts list file {path}: expected a JSON list of concepts, got {type(data).__name__}",
+                          "wrap the concepts in [ ... ]")
+    return [concept_from_dict(c, f"{path.name}[{i}]") for i, c in enumerate(data)]
