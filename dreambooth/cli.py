@@ -1,0 +1,156 @@
+"""``python -m dreambooth``: create, export, info and demo from the command line.
+
+Errors print as one line plus a hint; ``--debug`` shows the traceback too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import UserError
+from .families import FAMILY_IDS
+
+log = logging.getLogger(__name__)
+
+
+def _add_root(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models-root", metavar="DIR",
+                   help="models root (default: $DREAMBOOTH_MODELS_ROOT or ./models); model dirs live in "
+                        "DIR/dreambooth/<name>")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dreambooth", description="DreamBooth trainer for Stable "
+                                     "Diffusion 1.x, 2.x and SDXL; the engine of the WebUI extension.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("create", help="create a trainable model from a checkpoint file or diffusers folder",
+                       description="Create <models root>/dreambooth/<name>/ from a .safetensors/.ckpt checkpoint "
+                                   "or a diffusers folder. The family is detected; SD 2.x v-prediction is read "
+                                   "from a .yaml of the same name beside the file, or given with --family sd2v.")
+    p.add_argument("source", help="checkpoint file (.safetensors, .ckpt) or diffusers folder")
+    p.add_argument("name", help="name of the new model (one safe folder name)")
+    p.add_argument("--family", choices=FAMILY_IDS, help="override the detected model type")
+    p.add_argument("--extract-ema", action="store_true", help="use the file's EMA UNet weights")
+    p.add_argument("--dtype", choices=("keep", "fp32", "fp16", "bf16"), default="keep",
+                   help="precision of the working copy (default: as in the source)")
+    _add_root(p)
+
+    p = sub.add_parser("export", help="export a model to a single-file .safetensors the WebUI loads",
+                       description="Write the model's working weights as a single-file checkpoint with the "
+                                   "original key names, metadata, and a .yaml beside SD 2.x v-prediction files.")
+    p.add_argument("name", help="model name")
+    p.add_argument("--dest", help="output .safetensors file or folder (default: <models root>/Stable-diffusion)")
+    p.add_argument("--dtype", choices=("keep", "fp16", "fp32", "bf16"), default="fp16",
+                   help="precision of the file (default fp16)")
+    p.add_argument("--ema", choices=("none", "main", "both"), default="none",
+                   help="none: no EMA; main: EMA weights as the UNet; both: training layout with model_ema.*")
+    _add_root(p)
+
+    p = sub.add_parser("info", help="describe a checkpoint file, diffusers folder or model",
+                       description="Family, parameter counts, dtypes, EMA and a key summary.")
+    p.add_argument("target", help="checkpoint file, diffusers folder, or model name")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_root(p)
+
+    p = sub.add_parser("demo", help="build a tiny model and a synthetic concept and run everything end to end",
+                       description="Runs on a CPU in seconds without any download.")
+    p.add_argument("--out", default="demo_output", help="folder for the demo's files (default: ./demo_output)")
+    p.add_argument("--family", choices=FAMILY_IDS, default="sd1")
+    return parser
+
+
+def _print_info(info: dict[str, Any]) -> None:
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in value.items())
+        print(f"{key.ljust(width)}  {value}")
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    from .create import create_model
+
+    md = create_model(args.source, args.name, args.models_root, family=args.family, extract_ema=args.extract_ema,
+                      dtype=args.dtype)
+    print(f"created {md.path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint
+    from .store import models_root, open_model
+
+    md = open_model(args.name, args.models_root)
+    dest = args.dest or models_root(args.models_root) / "Stable-diffusion"
+    path = export_checkpoint(md, dest, dtype=args.dtype, ema=args.ema)
+    print(f"exported {path}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .errors import CheckpointError
+    from .inspect_model import describe_checkpoint, describe_folder, describe_model
+    from .store import open_model
+
+    target = Path(args.target)
+    if target.is_file():
+        info = describe_checkpoint(target)
+    elif target.is_dir():
+        info = describe_folder(target)
+    elif "/" in args.target or "\\" in args.target or target.suffix in (".safetensors", ".ckpt"):
+        raise CheckpointError(f"{target} does not exist", "check the path")
+    else:
+        info = describe_model(open_model(args.target, args.models_root))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        _print_info(info)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), args.family)
+    return 0
+
+
+COMMANDS = {"create": cmd_create, "export": cmd_export, "info": cmd_info, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {err.message}", file=sys.stderr)
+        if err.hint:
+            print(f"hint: {err.hint}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the CLI's last line of defence
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: unexpected {type(err).__name__}: {err}", file=sys.stderr)
+        print("hint: run again with --debug for the traceback, and report it if it looks like a bug",
+              file=sys.stderr)
+        return 1

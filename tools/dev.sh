@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One entry for contributors and CI:
+#   bash tools/dev.sh demo         set everything up, then run the demo
+#   bash tools/dev.sh test [ARGS]  set everything up, then run the tests (ruff, then pytest ARGS)
+# Setup makes .venv (or $VENV) with torch==2.13.0 installed first, on its own, so that nothing can pull a second
+# torch, then the requirements of $DREAMBOOTH_PROFILE (host: the WebUI's pinned versions, the default; current).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+profile=${DREAMBOOTH_PROFILE:-host}
+venv=${VENV:-.venv}
+py="$venv/bin/python"
+[ -x "$py" ] || python3 -m venv "$venv"
+stamp="$venv/.installed-$profile-$(cat "requirements/$profile.txt" requirements/dev.txt | sha1sum | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
+  echo "setting up $venv ($profile profile)..."
+  "$py" -m pip install -q --disable-pip-version-check torch==2.13.0
+  "$py" -m pip install -q --disable-pip-version-check -r "requirements/$profile.txt" -r requirements/dev.txt \
+    torch==2.13.0
+  rm -f "$venv"/.installed-*
+  touch "$stamp"
+fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DIFFUSERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+cmd=${1:-}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  demo) exec "$py" -m dreambooth demo "$@" ;;
+  test)
+    "$py" -m ruff check .
+    exec "$py" -m pytest -q "$@" ;;
+  *) echo "usage: bash tools/dev.sh demo|test [args]" >&2; exit 2 ;;
+esac
