@@ -1,0 +1,193 @@
+"""The training set: every concept's instance and class images, their captions and buckets, and epoch batches.
+
+Scanning reads only image headers (plus PIL's cheap verify), so a folder of thousands of class images is ready
+in seconds and a broken file is reported before the models load. Pixels are decoded only in :meth:`load_pixels`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..config import Concept
+from ..errors import UserError
+from .buckets import choose_bucket, fit_to_bucket, make_buckets
+from .captions import build_prompt, read_caption, shuffle_tags
+from .images import ImageError, list_images, load_image, probe_image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training image with everything needed to load it and build its prompt (hashable: a cache key)."""
+
+    image: Path
+    caption_template: str  # the concept's instance prompt or class prompt template
+    caption: str  # from read_caption
+    concept: int  # concept index
+    is_class: bool  # prior-preservation (class) image
+    bucket: tuple[int, int]  # (width, height)
+
+
+def _concept_name(index: int, concept: Concept) -> str:
+    token = f" ('{concept.instance_token}')" if concept.instance_token.strip() else ""
+    return f"concept {index + 1}{token}"
+
+
+class TrainingData:
+    """All examples of a run and their deterministic order, epoch by epoch.
+
+    Prior preservation pairs every instance item of a concept (repeats included) with one of its class images per
+    epoch. The class images are taken in sorted order and the cycle continues from epoch to epoch, so over the
+    run every generated class image is used about equally.
+    """
+
+    def __init__(self, concepts: list[Concept], resolution: int, *, enable_buckets: bool, seed: int,
+                 class_dirs: list[Path | None] | None = None, bucket_step: int = 64) -> None:
+        if not concepts:
+            raise UserError("there is no concept to train", "add a concept with an instance images folder")
+        if resolution <= 0:
+            raise ValueError(f"resolution must be positive, got {resolution}")
+        if class_dirs is not None and len(class_dirs) != len(concepts):
+            raise ValueError(f"class_dirs has {len(class_dirs)} entries for {len(concepts)} concepts")
+        self.concepts = list(concepts)
+        self.resolution = resolution
+        self.enable_buckets = enable_buckets
+        self.seed = seed
+        self.buckets = make_buckets(resolution, bucket_step) if enable_buckets else [(resolution, resolution)]
+        self.skipped: list[tuple[Path, str]] = []
+        self.instances: list[list[Example]] = []
+        self.classes: list[list[Example]] = []
+        self._warned_batch_size = False
+        for index, concept in enumerate(self.concepts):
+            override = class_dirs[index] if class_dirs is not None else None
+            self.instances.append(self._scan_instances(index, concept))
+            self.classes.append(self._scan_classes(index, concept, override))
+        self.instance_items_per_epoch = sum(len(items) * concept.repeats
+                                            for items, concept in zip(self.instances, self.concepts, strict=True))
+
+    # ------------------------------------------------------------------------------------------------ scanning
+
+    def _scan_instances(self, index: int, concept: Concept) -> list[Example]:
+        name = _concept_name(index, concept)
+        try:
+            paths = list_images(concept.instance_data_dir, "instance images")
+        except UserError as err:
+            raise UserError(f"{name}: {err.message}", err.hint) from None
+        examples = self._scan(paths, index, concept.instance_prompt, is_class=False)
+        if not examples:
+            raise UserError(f"{name}: none of the {len(paths)} images in {concept.instance_data_dir} can be used "
+                            f"({self._first_reason(paths)})", "fix or replace the images listed in the log")
+        return examples
+
+    def _scan_classes(self, index: int, concept: Concept, override: Path | None) -> list[Example]:
+        if concept.num_class_images_per <= 0:
+            return []
+        name = _concept_name(index, concept)
+        hint = ("generate the class images first (starting the training does it), or set 'Class images per "
+                "instance image' to 0 to turn prior preservation off")
+        folder: str | Path = override if override is not None else concept.class_data_dir
+        if not str(folder).strip():
+            raise UserError(f"{name}: prior preservation is on but no class images folder is set", hint)
+        try:
+            paths = list_images(folder, "class images")
+        except UserError as err:
+            raise UserError(f"{name}: {err.message}", hint) from None
+        examples = self._scan(paths, index, concept.class_prompt, is_class=True)
+        if not examples:
+            raise UserError(f"{name}: none of the {len(paths)} class images in {folder} can be used "
+                            f"({self._first_reason(paths)})", hint)
+        return examples
+
+    def _first_reason(self, paths: list[Path]) -> str:
+        wanted = set(paths)
+        reasons = [reason for path, reason in self.skipped if path in wanted]
+        return reasons[0] if reasons else "no reason recorded"
+
+    def _scan(self, paths: list[Path], index: int, template: str, *, is_class: bool) -> list[Example]:
+        """Examples for the usable images among ``paths``; unusable ones are logged and kept in ``skipped``."""
+        examples = []
+        for path in paths:
+            try:
+                width, height = probe_image(path)
+            except ImageError as err:
+                self.skipped.append((path, err.message))
+                log.warning("skipping %s image %s: %s", "class" if is_class else "instance", path, err.message)
+                continue
+            bucket = (choose_bucket(width, height, self.buckets) if self.enable_buckets
+                      else (self.resolution, self.resolution))
+            examples.append(Example(path, template, read_caption(path), index, is_class, bucket))
+        return examples
+
+    # ------------------------------------------------------------------------------------------------- epochs
+
+    def all_examples(self) -> list[Example]:
+        """Every distinct example (instance and class), e.g. to cache latents once before training."""
+        return [ex for items in self.instances + self.classes for ex in items]
+
+    def _epoch_items(self, epoch: int) -> list[Example]:
+        items: list[Example] = []
+        for concept, instances, classes in zip(self.concepts, self.instances, self.classes, strict=True):
+            repeated = [ex for ex in instances for _ in range(concept.repeats)]
+            items.extend(repeated)
+            if classes:
+                start = epoch * len(repeated)
+                items.extend(classes[(start + k) % len(classes)] for k in range(len(repeated)))
+        return items
+
+    def epoch_batches(self, epoch: int, batch_size: int) -> list[list[Example]]:
+        """The batches of ``epoch``, the same for the same (seed, epoch); each batch holds one bucket only.
+
+        Items are shuffled, grouped by bucket and cut into batches; a bucket's remainder is a smaller last batch
+        (nothing is dropped), and the order of the batches is shuffled too.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        items = self._epoch_items(epoch)
+        if batch_size > len(items) and not self._warned_batch_size:
+            self._warned_batch_size = True
+            log.warning("batch size %d is larger than the %d images per epoch; batches will hold at most %d",
+                        batch_size, len(items), len(items))
+        rng = random.Random(f"dreambooth-data:{self.seed}:{epoch}")
+        rng.shuffle(items)
+        by_bucket: dict[tuple[int, int], list[Example]] = {}
+        for ex in items:
+            by_bucket.setdefault(ex.bucket, []).append(ex)
+        batches = [group[i:i + batch_size] for group in by_bucket.values() for i in range(0, len(group), batch_size)]
+        rng.shuffle(batches)
+        return batches
+
+    def steps_per_epoch(self, batch_size: int, grad_accum: int, epoch: int = 0) -> int:
+        """Optimizer steps in ``epoch``: ceil(batches / grad_accum).
+
+        The count is the same for every epoch unless one concept's class images fall into different buckets.
+        """
+        if grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+        return math.ceil(len(self.epoch_batches(epoch, batch_size)) / grad_accum)
+
+    # ------------------------------------------------------------------------------------------- per example
+
+    def load_pixels(self, ex: Example, flip: bool, rng: random.Random | None = None) -> torch.Tensor:
+        """float32 ``[3, H, W]`` in [-1, 1] at ``ex.bucket`` (centre crop, random crop with ``rng``), mirrored if
+        ``flip``. Raises :class:`ImageError` naming the file if it cannot be decoded."""
+        img = fit_to_bucket(load_image(ex.image), ex.bucket, rng)
+        if flip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        arr = np.array(img, dtype=np.uint8)
+        return torch.from_numpy(arr).permute(2, 0, 1).contiguous().to(torch.float32).div_(127.5).sub_(1.0)
+
+    def prompt_for(self, ex: Example, *, shuffle: bool, keep_tokens: int, rng: random.Random) -> str:
+        """The training prompt of ``ex``; class images never get the instance token (they are not the subject)."""
+        concept = self.concepts[ex.concept]
+        instance_token = "" if ex.is_class else concept.instance_token
+        prompt = build_prompt(ex.caption_template, ex.caption, instance_token, concept.class_token)
+        return shuffle_tags(prompt, keep_tokens, rng) if shuffle else prompt
