@@ -12,7 +12,6 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -20,7 +19,7 @@ from ..config import Concept
 from ..errors import UserError
 from .buckets import choose_bucket, fit_to_bucket, make_buckets
 from .captions import build_prompt, read_caption, shuffle_tags
-from .images import ImageError, list_images, load_image, probe_image
+from .images import ImageError, list_images, load_image, probe_image, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +181,7 @@ class TrainingData:
         img = fit_to_bucket(load_image(ex.image), ex.bucket, rng)
         if flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        arr = np.array(img, dtype=np.uint8)
-        return torch.from_numpy(arr).permute(2, 0, 1).contiguous().to(torch.float32).div_(127.5).sub_(1.0)
+        return to_tensor(img)
 
     def prompt_for(self, ex: Example, *, shuffle: bool, keep_tokens: int, rng: random.Random) -> str:
         """The training prompt of ``ex``; class images never get the instance token (they are not the subject)."""

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import UserError
@@ -139,8 +140,8 @@ def _header_orientation(img: Image.Image) -> int:
 def probe_image(path: Path, verify: bool = True) -> tuple[int, int]:
     """(width, height) as :func:`load_image` will return it, read from the header without decoding the pixels.
 
-    EXIF rotations by 90 degrees swap the sides. With ``verify`` PIL's cheap integrity check also runs (for PNG
-    it checks every chunk's CRC, catching truncated files), so broken files are found when the data is scanned.
+    EXIF rotations by 90 degrees swap the sides. With ``verify`` broken files are found when the data is scanned:
+    PNGs get PIL's cheap CRC check, other formats (where that check does nothing) are decoded once.
     """
     path = Path(path)
     img = _open(path)
@@ -148,8 +149,10 @@ def probe_image(path: Path, verify: bool = True) -> tuple[int, int]:
         width, height = img.size
         if _header_orientation(img) in _SWAPPING_ORIENTATIONS:
             width, height = height, width
-        if verify:
+        if verify and img.format == "PNG":
             img.verify()
+        elif verify:
+            img.load()  # verify() checks nothing for JPEG & co.: decode once, so a truncated file is caught here
     except ImageError:
         raise
     except Exception as err:
@@ -205,3 +208,9 @@ def load_image(path: Path) -> Image.Image:
     except Exception as err:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ... on bad data
         raise ImageError(f"image {path} is corrupt or truncated: {err or type(err).__name__}",
                          "re-save it from an image editor, or remove it") from None
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """An RGB image as float32 ``[3, H, W]`` in [-1, 1], the range the VAE expects."""
+    arr = np.array(img, dtype=np.uint8)
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous().to(torch.float32).div_(127.5).sub_(1.0)
