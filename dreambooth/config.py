@@ -416,6 +416,13 @@ def load_config(model_dir: str | Path) -> TrainConfig:
     return config_from_dict(data)[0]
 
 
+def save_progress(model_dir: str | Path, revision: int, epochs_trained: int) -> None:
+    """Record training progress in ``db_config.json`` without touching the user's settings."""
+    cfg = load_config(model_dir)
+    cfg.revision, cfg.epochs_trained = revision, epochs_trained
+    cfg.save(model_dir)
+
+
 def load_concepts_file(path: str | Path) -> list[Concept]:
     """A concepts-list JSON file: a list of concept objects (the old extension's format is migrated)."""
     path = Path(path)

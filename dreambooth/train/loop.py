@@ -1,0 +1,454 @@
+"""The training run: data, models, optimizer and schedule set up from the config, then epochs of steps with
+previews, saves and pauses at their intervals, reported through ``status.json``.
+
+``Trainer.run`` reads as an outline; each part is a method or a module of its own. The step's loss is in
+``step.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import Concept, TrainConfig, load_concepts_file, load_config, save_progress
+from ..data.dataset import Example, TrainingData
+from ..data.images import IMAGE_EXTENSIONS, list_images
+from ..data.prompts import tokenize_prompts
+from ..errors import UserError
+from ..export import export_checkpoint
+from ..sample import (
+    SampleRequest,
+    build_pipeline,
+    generate,
+    generate_class_images,
+    make_scheduler,
+    sample_prompts,
+    save_sample,
+)
+from ..store import ModelDir
+from ..working import WEIGHT_NAMES, save_tensors
+from .ema import EMA
+from .models import TEXT_ENCODER_NAMES, canonical_state, load_canonical, load_models, set_attention
+from .optimizers import OptimizerSettings, make_optimizer
+from .resume import latest_state, save_state
+from .schedules import make_lr_scheduler
+from .status import Controls, StatusWriter
+from .step import Batch, StepSettings, compute_loss
+
+log = logging.getLogger(__name__)
+
+AUTOCAST = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Cancelled(Exception):
+    """Raised at a step boundary when the user asked to cancel."""
+
+
+@dataclass
+class RunOptions:
+    device: str | None = None  # None: CUDA when available, else CPU
+    resume: bool = False
+    export_dir: Path | None = None  # where checkpoints are exported (the WebUI's Stable-diffusion folder)
+    attention_default: str = "sdp"  # what "auto" means here; the WebUI adapter passes the WebUI's own choice
+    install_signal_handlers: bool = True
+    on_progress: Callable[[dict], None] | None = None  # called with the status after each write (host progress)
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_concepts(cfg: TrainConfig) -> list[Concept]:
+    concepts = load_concepts_file(cfg.concepts_list_file) if cfg.concepts_list_file else cfg.concepts
+    if not concepts:
+        raise UserError("no concepts to train", "add a concept with an instance images folder and prompt")
+    return concepts
+
+
+def class_dir_for(model: ModelDir, index: int, concept: Concept) -> Path:
+    return Path(concept.class_data_dir) if concept.class_data_dir else model.path / "classes" / f"concept_{index}"
+
+
+def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or a clear refusal / fallback where the device cannot do it."""
+    dtype = AUTOCAST[mixed_precision]
+    if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("this GPU does not support bf16 mixed precision",
+                        "set mixed precision to fp16 (or 'no' for full fp32)")
+    if dtype is torch.float16 and device.type == "cpu":
+        log.warning("fp16 mixed precision needs a GPU; training in fp32 on the CPU")
+        return None
+    return dtype
+
+
+class Trainer:
+    """One training run of one model dir."""
+
+    def __init__(self, model: ModelDir, options: RunOptions | None = None) -> None:
+        self.model = model
+        self.opts = options or RunOptions()
+        self.cfg = load_config(model.path)
+        self.device = pick_device(self.opts.device)
+        if self.device.type == "cpu":
+            torch.set_flush_denormal(True)  # tiny values otherwise slow CPU math down by orders of magnitude
+        self.controls = Controls(model, self.opts.install_signal_handlers)
+        self.status = StatusWriter(model, self.device)
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.latent_cache: dict[tuple[Path, tuple[int, int], bool], torch.Tensor] = {}
+        self.vae_encodes = 0  # how many images went through the VAE (a cache hit adds none)
+        self.base_revision = self.cfg.revision  # steps trained before this run
+        self.saves: list[int] = []
+        self.previews: list[int] = []
+
+    # ------------------------------------------------------------------------------------------------ outline
+    def run(self) -> dict:
+        try:
+            self._setup()
+            self._train()
+            self._finish("done", "training complete")
+        except Cancelled:
+            if self.cfg.save_on_cancel and self.step > 0:
+                self._save()
+            self._finish("cancelled", f"cancelled at step {self.step}")
+        except UserError as err:
+            self._finish("failed", str(err))
+            raise
+        except Exception as err:
+            self._finish("failed", f"{type(err).__name__}: {err}")
+            raise
+        finally:
+            self.status.close()
+        return self.status.status
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        self.concepts = resolve_concepts(cfg)
+        self.models = load_models(self.model.working, cfg.family)
+        self.resolution = cfg.resolution or self.models.family.resolution
+        self.autocast = autocast_dtype(cfg.mixed_precision, self.device)
+        attention = self.opts.attention_default if cfg.attention == "auto" else cfg.attention
+        self.attention = set_attention(self.models, attention)
+        self._to_device()
+        self._generate_class_images()
+        class_dirs = [class_dir_for(self.model, i, c) if c.num_class_images_per > 0 else None
+                      for i, c in enumerate(self.concepts)]
+        self.data = TrainingData(self.concepts, self.resolution, enable_buckets=cfg.enable_buckets, seed=cfg.seed,
+                                 class_dirs=class_dirs, bucket_step=8 if self.resolution < 256 else 64)
+        self.steps_per_epoch = self.data.steps_per_epoch(cfg.train_batch_size, cfg.gradient_accumulation_steps)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.text_encoder_steps = math.floor(cfg.text_encoder_ratio * self.total_steps)
+        self._set_trainable()
+        self._make_optimizer()
+        if self.opts.resume:
+            self._load_resume_state()
+        log.info("training %s: %d epochs x %d steps = %d steps", self.model.name, cfg.epochs, self.steps_per_epoch,
+                 self.total_steps)
+        self.status.update(force=True, state="running", total_steps=self.total_steps, total_epochs=cfg.epochs,
+                           step=self.step, epoch=self.epoch, attention=self.attention)
+
+    def _train(self) -> None:
+        cfg = self.cfg
+        self.started = time.time()
+        self.start_step = self.step
+        self.pending_losses: list[tuple[int, int, torch.Tensor, list[float]]] = []
+        while self.epoch < cfg.epochs:
+            batches = self.data.epoch_batches(self.epoch, cfg.train_batch_size)
+            groups = [batches[i:i + cfg.gradient_accumulation_steps]
+                      for i in range(0, len(batches), cfg.gradient_accumulation_steps)]
+            while self.batch_in_epoch < len(groups):
+                self._check_controls()
+                self._optimizer_step(groups[self.batch_in_epoch])
+                self.batch_in_epoch += 1
+                self.step += 1
+                self._report()
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            self._end_of_epoch()
+
+    def _end_of_epoch(self) -> None:
+        cfg, epoch = self.cfg, self.epoch
+        last = epoch == cfg.epochs
+        if cfg.preview_every_n_epochs and (epoch % cfg.preview_every_n_epochs == 0 or last):
+            self._preview()
+        if last or cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0:
+            self._save()
+        if cfg.pause_every_n_epochs and epoch % cfg.pause_every_n_epochs == 0 and not last:
+            self._sleep(cfg.pause_seconds, f"pausing {cfg.pause_seconds:g} s after epoch {epoch}")
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def _to_device(self) -> None:
+        m = self.models
+        for module in (m.unet, m.vae, *m.text_encoders):
+            module.to(self.device)
+        if self.cfg.gradient_checkpointing:
+            m.unet.enable_gradient_checkpointing()
+            if self.cfg.text_encoder_ratio > 0:
+                for te in m.text_encoders:
+                    te.gradient_checkpointing_enable()
+
+    def _set_trainable(self) -> None:
+        cfg, m = self.cfg, self.models
+        m.vae.requires_grad_(False)
+        m.unet.requires_grad_(cfg.train_unet)
+        m.unet.train(cfg.train_unet)
+        train_te = self.text_encoder_steps > 0
+        for te in m.text_encoders:
+            te.requires_grad_(train_te)
+            te.train(train_te)
+            if train_te and cfg.freeze_clip_normalization:
+                for name, p in te.named_parameters():
+                    if "layer_norm" in name:
+                        p.requires_grad_(False)
+        if not cfg.train_unet and not train_te:
+            raise UserError("nothing to train: the UNet is off and the text encoder step ratio is 0",
+                            "turn 'Train UNet' on or set a text encoder step ratio above 0")
+
+    def _make_optimizer(self) -> None:
+        cfg, m = self.cfg, self.models
+        groups = []
+        if cfg.train_unet:
+            groups.append({"params": [p for p in m.unet.parameters() if p.requires_grad], "lr": cfg.learning_rate})
+        te_params = [p for te in m.text_encoders for p in te.parameters() if p.requires_grad]
+        if te_params:
+            groups.append({"params": te_params, "lr": cfg.text_encoder_learning_rate})
+        settings = OptimizerSettings(cfg.optimizer, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
+                                     cfg.adam_epsilon)
+        self.optimizer, note = make_optimizer(groups, settings)
+        if note:
+            log.warning("%s", note)
+            self.status.update(note=note)
+        self.lr_scheduler = make_lr_scheduler(self.optimizer, cfg.lr_scheduler, self.total_steps,
+                                              cfg.lr_warmup_steps, cfg.lr_cycles, cfg.lr_power)
+        self.ema = EMA(m.unet.parameters(), cfg.ema_decay) if cfg.use_ema and cfg.train_unet else None
+        use_scaler = self.autocast is torch.float16 and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+
+    def _generate_class_images(self) -> None:
+        for index, concept in enumerate(self.concepts):
+            if concept.num_class_images_per <= 0:
+                continue
+            instances = len(list_images(concept.instance_data_dir))
+            needed = concept.num_class_images_per * instances
+            folder = class_dir_for(self.model, index, concept)
+            existing = [p for p in folder.glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS] if folder.is_dir() \
+                else []
+            if len(existing) >= needed:
+                continue
+            self.status.update(force=True, state="generating_class_images",
+                               message=f"generating {needed - len(existing)} class images for concept {index}")
+            scheduler = make_scheduler(self.cfg.sample_scheduler, self.models.scheduler_config)
+            pipe = build_pipeline(self.models.family.id, self.models.modules_for_pipeline(), scheduler)
+            generate_class_images(pipe, concept, folder, needed, scheduler=self.cfg.sample_scheduler,
+                                  width=self.resolution, height=self.resolution, seed=self.cfg.seed)
+
+    def _load_resume_state(self) -> None:
+        state = latest_state(self.model.checkpoints)
+        if state is None:
+            log.warning("no resume state in %s: starting from the working weights", self.model.checkpoints)
+            return
+        for component, module in self._trained_modules().items():
+            load_canonical(component, module, state.weights[component])
+        t = state.trainer
+        self.optimizer.load_state_dict(t["optimizer"])
+        self.lr_scheduler.load_state_dict(t["lr_scheduler"])
+        if self.ema is not None and t.get("ema") is not None:
+            self.ema.load_state_dict(t["ema"])
+        self.step, self.epoch, self.batch_in_epoch = t["step"], t["epoch"], t["batch_in_epoch"]
+        self.base_revision = t["base_revision"]
+        torch.set_rng_state(t["rng_torch"])
+        log.info("resumed from %s at step %d (epoch %d)", state.path.name, self.step, self.epoch)
+
+    # ------------------------------------------------------------------------------------------------ stepping
+    def _optimizer_step(self, group: list[list[Example]]) -> None:
+        cfg = self.cfg
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
+        rng = random.Random(cfg.seed * 1_000_003 + self.step)
+        train_te = self.step < self.text_encoder_steps
+        if self.text_encoder_steps and self.step == self.text_encoder_steps:
+            self._stop_text_encoder()
+        settings = StepSettings(cfg.offset_noise, cfg.min_snr_gamma, cfg.prior_loss_weight, cfg.clip_skip,
+                                train_te, self.autocast)
+        lrs = [g["lr"] for g in self.optimizer.param_groups]  # the LRs this step uses
+        for examples in group:
+            batch = self._make_batch(examples, rng)
+            loss, _ = compute_loss(self.models, batch, settings, generator)
+            loss = loss / len(group)
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            self.pending_losses.append((self.step + 1, self.epoch, loss.detach() * len(group), lrs))
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if cfg.max_grad_norm > 0 and params:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=cfg.set_grads_to_none)
+        if self.ema is not None:
+            self.ema.update(self.models.unet.parameters())
+
+    def _stop_text_encoder(self) -> None:
+        """The text encoder's share of the steps is over: freeze it and drop its gradients."""
+        for te in self.models.text_encoders:
+            te.requires_grad_(False)
+            te.eval()
+            for p in te.parameters():
+                p.grad = None
+        log.info("text encoder training stopped at step %d", self.step)
+
+    def _make_batch(self, examples: list[Example], rng: random.Random) -> Batch:
+        cfg = self.cfg
+        flips = [cfg.hflip and rng.random() < 0.5 for _ in examples]
+        latents = torch.stack([self._latent(ex, flip) for ex, flip in zip(examples, flips, strict=True)])
+        prompts = [self.data.prompt_for(ex, shuffle=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens, rng=rng)
+                   for ex in examples]
+        token_ids = []
+        for tokenizer in self.models.tokenizers:
+            ids, warnings = tokenize_prompts(tokenizer, prompts, cfg.long_prompts)
+            for warning in warnings:
+                log.warning("%s", warning)
+            token_ids.append(ids)
+        is_class = torch.tensor([ex.is_class for ex in examples])
+        return Batch(latents, token_ids, is_class, [ex.bucket for ex in examples])
+
+    @torch.no_grad()
+    def _latent(self, ex: Example, flip: bool) -> torch.Tensor:
+        """The scaled VAE latent of one image (the distribution's mean), from the cache when latents are cached."""
+        key = (ex.image, ex.bucket, flip)
+        if self.cfg.cache_latents and key in self.latent_cache:
+            return self.latent_cache[key]
+        pixels = self.data.load_pixels(ex, flip).to(self.device)[None]
+        vae = self.models.vae
+        latent = vae.encode(pixels).latent_dist.mode()[0] * vae.config.scaling_factor
+        self.vae_encodes += 1
+        if self.cfg.cache_latents:
+            self.latent_cache[key] = latent
+        return latent
+
+    # ------------------------------------------------------------------------------------------------ events
+    def _trained_modules(self) -> dict[str, torch.nn.Module]:
+        out: dict[str, torch.nn.Module] = {}
+        if self.cfg.train_unet:
+            out["unet"] = self.models.unet
+        if self.text_encoder_steps > 0:
+            out.update(zip(TEXT_ENCODER_NAMES, self.models.text_encoders, strict=False))
+        return out
+
+    def _trained_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        weights = {c: canonical_state(c, m) for c, m in self._trained_modules().items()}
+        if self.ema is not None:
+            with self.ema.swapped(self.models.unet.parameters()):
+                weights["unet_ema"] = {k: v.clone() for k, v in canonical_state("unet", self.models.unet).items()}
+        return weights
+
+    def _save(self) -> None:
+        """A resume state, the working weights, the config's progress, and the chosen export, all atomic."""
+        cfg = self.cfg
+        self.status.update(force=True, state="saving", message=f"saving at step {self.step}")
+        weights = self._trained_weights()
+        trainer_state = {
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None, "rng_torch": torch.get_rng_state(),
+            "base_revision": self.base_revision,
+        }
+        save_state(self.model.checkpoints, self.step, trainer_state, weights, cfg.keep_resume_states)
+        for component, state in weights.items():
+            folder = self.model.working / component
+            if component == "unet_ema" and not folder.is_dir():
+                folder.mkdir()
+                shutil.copy2(self.model.working / "unet" / "config.json", folder / "config.json")
+            save_tensors(folder / f"{WEIGHT_NAMES[component]}.safetensors", state)
+        save_progress(self.model.path, self.base_revision + self.step, self.epoch)
+        if cfg.save_checkpoint and self.opts.export_dir is not None:
+            dest = self.opts.export_dir / f"{self.model.name}_{self.step}.safetensors"
+            export_checkpoint(self.model, dest, dtype=cfg.export_dtype,
+                              ema="main" if cfg.export_ema and self.ema is not None else "none")
+            self.status.update(last_export=str(dest))
+        self.saves.append(self.step)
+        self.status.update(force=True, state="running", message=f"saved at step {self.step}")
+
+    def _preview(self) -> None:
+        cfg, m = self.cfg, self.models
+        scheduler = make_scheduler(cfg.sample_scheduler, m.scheduler_config)
+        pipe = build_pipeline(m.family.id, m.modules_for_pipeline(), scheduler)
+        written = []
+        for index, concept in enumerate(self.concepts):
+            for n, prompt in enumerate(sample_prompts(concept, concept.instance_prompt)):
+                seed = concept.sample_seed if concept.sample_seed >= 0 else random.randrange(2**32)
+                req = SampleRequest(prompt, concept.sample_negative_prompt, seed + n, concept.sample_steps,
+                                    concept.sample_guidance_scale, self.resolution, self.resolution,
+                                    cfg.sample_scheduler)
+                image = generate(pipe, req, self.device)
+                stem = f"step{self.step:06d}_c{index}_{n}"
+                written.append(save_sample(image, self.model.samples, stem, req,
+                                           {"step": str(self.step), "epoch": str(self.epoch),
+                                            "model": self.model.name}))
+        self.previews.append(self.step)
+        self.status.update(force=True, samples=[str(p) for p in written])
+
+    def _report(self) -> None:
+        now = time.time()
+        if not self.status.due() and self.step < self.total_steps:
+            return
+        losses = [(s, e, float(t), lrs) for s, e, t, lrs in self.pending_losses]  # the one host sync per report
+        self.pending_losses.clear()
+        for s, e, value, lrs in losses:
+            self.status.log_loss(s, e, value, lrs)
+        lrs = self.lr_scheduler.get_last_lr()
+        smoothed = self.status.status.get("smoothed_loss")
+        for _, _, value, _ in losses:
+            smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
+        done = self.step - self.start_step
+        rate = done / max(now - self.started, 1e-9)
+        self.status.update(state="running", step=self.step, epoch=self.epoch,
+                           loss=losses[-1][2] if losses else None, smoothed_loss=smoothed, lr=lrs,
+                           it_per_s=round(rate, 3), eta_s=round((self.total_steps - self.step) / rate, 1)
+                           if rate > 0 else None)
+        if self.opts.on_progress:
+            self.opts.on_progress(self.status.status)
+
+    def _check_controls(self) -> None:
+        if self.controls.cancel_requested:
+            raise Cancelled()
+        if self.controls.pause_requested:
+            self.status.update(force=True, state="paused", message="paused by the user")
+            while self.controls.pause_requested:
+                if self.controls.cancel_requested:
+                    raise Cancelled()
+                time.sleep(0.2)
+            self.status.update(force=True, state="running", message="resumed")
+
+    def _sleep(self, seconds: float, message: str) -> None:
+        self.status.update(force=True, state="paused", message=message)
+        end = time.time() + seconds
+        while time.time() < end:
+            if self.controls.cancel_requested:
+                raise Cancelled()
+            time.sleep(min(0.1, max(0.0, end - time.time())))
+        self.status.update(force=True, state="running", message="")
+
+    def _finish(self, state: str, message: str) -> None:
+        self.controls.clear()
+        self.status.update(force=True, state=state, message=message, step=self.step, epoch=self.epoch)
+        log.info("%s: %s", state, message)
+
+
+def train_model(model: ModelDir, options: RunOptions | None = None) -> dict:
+    """Run one training of ``model`` in this process. Returns the final status."""
+    return Trainer(model, options).run()

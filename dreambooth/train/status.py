@@ -1,0 +1,139 @@
+"""How a training run talks to the outside: ``status.json``, the loss log, TensorBoard, and control requests.
+
+The worker writes; the tab, the API and the CLI read. Control goes the other way through small files in the model
+dir (``cancel.request``, ``pause.request``), so any process can ask, and SIGTERM/SIGINT ask for a cancel too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..atomic import write_json
+from ..store import ModelDir
+
+log = logging.getLogger(__name__)
+
+STATES = ("starting", "generating_class_images", "running", "paused", "saving", "done", "failed", "cancelled")
+CANCEL_FILE = "cancel.request"
+PAUSE_FILE = "pause.request"
+
+
+def request_cancel(model: ModelDir) -> None:
+    (model.path / CANCEL_FILE).touch()
+
+
+def request_pause(model: ModelDir) -> None:
+    (model.path / PAUSE_FILE).touch()
+
+
+def request_unpause(model: ModelDir) -> None:
+    (model.path / PAUSE_FILE).unlink(missing_ok=True)
+
+
+def read_status(model: ModelDir) -> dict[str, Any] | None:
+    try:
+        return json.loads(model.status_path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+class Controls:
+    """Cancel and pause requests: files in the model dir, plus SIGTERM / SIGINT for cancel."""
+
+    def __init__(self, model: ModelDir, install_signal_handlers: bool = True) -> None:
+        self.model = model
+        self._signalled = False
+        for name in (CANCEL_FILE, PAUSE_FILE):
+            (model.path / name).unlink(missing_ok=True)  # a request from an earlier run does not apply
+        if install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    signal.signal(sig, self._on_signal)
+                except ValueError:  # not the main thread: files still work
+                    pass
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        log.warning("signal %d: cancelling at the next step boundary", signum)
+        self._signalled = True
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._signalled or (self.model.path / CANCEL_FILE).exists()
+
+    @property
+    def pause_requested(self) -> bool:
+        return (self.model.path / PAUSE_FILE).exists()
+
+    def clear(self) -> None:
+        for name in (CANCEL_FILE, PAUSE_FILE):
+            (self.model.path / name).unlink(missing_ok=True)
+
+
+class StatusWriter:
+    """Writes ``status.json`` (atomically, at most every ``interval`` s unless forced) and the loss log."""
+
+    def __init__(self, model: ModelDir, device: torch.device, interval: float = 0.5) -> None:
+        self.model = model
+        self.device = device
+        self.interval = interval
+        self.status: dict[str, Any] = {"state": "starting", "message": "", "pid": os.getpid(),
+                                       "started_at": time.time(), "samples": []}
+        self._last_write = 0.0
+        model.logs.mkdir(parents=True, exist_ok=True)
+        self._loss_log = open(model.logs / "loss.csv", "a", encoding="utf-8")  # noqa: SIM115 - kept open
+        if self._loss_log.tell() == 0:
+            self._loss_log.write("step,epoch,loss,lr\n")
+        self._tb = _tensorboard(model.logs)
+
+    def log_loss(self, step: int, epoch: int, loss: float, lrs: list[float]) -> None:
+        self._loss_log.write(f"{step},{epoch},{loss:.6g},{';'.join(f'{lr:.6g}' for lr in lrs)}\n")
+        if self._tb is not None:
+            self._tb.add_scalar("loss", loss, step)
+            for i, lr in enumerate(lrs):
+                self._tb.add_scalar(f"lr/group{i}", lr, step)
+
+    def due(self) -> bool:
+        """Whether a non-forced update would be written now."""
+        return time.time() - self._last_write >= self.interval
+
+    def update(self, force: bool = False, **fields: Any) -> None:
+        self.status.update(fields)
+        now = time.time()
+        if not force and now - self._last_write < self.interval:
+            return
+        self.status["updated_at"] = now
+        self.status["peak_memory_mb"] = round(peak_memory_mb(self.device), 1)
+        self._loss_log.flush()
+        write_json(self.model.status_path, self.status)
+        self._last_write = now
+
+    def close(self) -> None:
+        self._loss_log.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _tensorboard(folder: Path) -> Any:
+    """A SummaryWriter when tensorboard is installed, else None (it is optional)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # noqa: BLE001 - tensorboard missing or broken: logging goes to loss.csv only
+        return None
+    return SummaryWriter(log_dir=str(folder / "tensorboard"))
