@@ -62,6 +62,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_root(p)
 
+    p = sub.add_parser("train", help="train a model with its db_config.json (in this process: the worker)",
+                       description="Trains the model dir's working/ weights with its db_config.json, reporting "
+                                   "through status.json and logs/. Cancel with Ctrl-C, SIGTERM or "
+                                   "`python -m dreambooth cancel NAME`; checkpoints go to <models root>/"
+                                   "Stable-diffusion unless --export-dir says otherwise.")
+    p.add_argument("name", help="model name")
+    p.add_argument("--resume", action="store_true", help="continue from the newest resume state")
+    p.add_argument("--device", help="torch device, e.g. cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--export-dir", help="where checkpoints are exported at each save")
+    _add_root(p)
+
+    for command, text in (("cancel", "ask a running training to stop at the next step (it saves if set to)"),
+                          ("pause", "ask a running training to pause at the next step"),
+                          ("unpause", "let a paused training go on"),
+                          ("status", "print a model's training status")):
+        p = sub.add_parser(command, help=text, description=text)
+        p.add_argument("name", help="model name")
+        _add_root(p)
+
     p = sub.add_parser("demo", help="build a tiny model and a synthetic concept and run everything end to end",
                        description="Runs on a CPU in seconds without any download.")
     p.add_argument("--out", default="demo_output", help="folder for the demo's files (default: ./demo_output)")
@@ -118,6 +137,31 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .store import models_root, open_model
+    from .train.loop import RunOptions, train_model
+
+    md = open_model(args.name, args.models_root)
+    export_dir = Path(args.export_dir) if args.export_dir else models_root(args.models_root) / "Stable-diffusion"
+    status = train_model(md, RunOptions(device=args.device, resume=args.resume, export_dir=export_dir))
+    print(f"{status['state']}: {status.get('message', '')} (step {status.get('step')})")
+    return 0 if status["state"] in ("done", "cancelled") else 1
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    from .store import open_model
+    from .train import status as st
+
+    md = open_model(args.name, args.models_root)
+    if args.command == "status":
+        current = st.read_status(md)
+        print(json.dumps(current, indent=2) if current else f"{args.name} has not been trained yet")
+        return 0
+    {"cancel": st.request_cancel, "pause": st.request_pause, "unpause": st.request_unpause}[args.command](md)
+    print(f"{args.command} requested for {args.name}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -125,7 +169,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"create": cmd_create, "export": cmd_export, "info": cmd_info, "demo": cmd_demo}
+COMMANDS = {"create": cmd_create, "export": cmd_export, "info": cmd_info, "train": cmd_train, "cancel": cmd_control,
+            "pause": cmd_control, "unpause": cmd_control, "status": cmd_control, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
 
-from dreambooth.tiny import write_tiny_checkpoint  # noqa: E402
+import torch  # noqa: E402
+
+from dreambooth.config import Concept, load_config  # noqa: E402
+from dreambooth.create import create_model  # noqa: E402
+from dreambooth.demo import make_concept_images  # noqa: E402
+from dreambooth.store import ModelDir  # noqa: E402
+from dreambooth.tiny import TINY_RESOLUTION, write_tiny_checkpoint  # noqa: E402
+
+# tiny models gain nothing from threads, and two OpenMP threads on a busy 2-core machine spin each other to a crawl
+torch.set_num_threads(1)
 
 REFERENCE = Path(__file__).resolve().parent / "reference"
 REFERENCE_LDM = {"sd1": "sd15_ldm_keys.tsv", "sd2": "sd21v_ldm_keys.tsv", "sd2v": "sd21v_ldm_keys.tsv",
@@ -41,3 +50,21 @@ def tiny_checkpoint(tiny_dir):
         return cache[key]
 
     return make
+
+
+def make_training_model(root: Path, source: Path, name: str = "m", images: int = 4, concept: dict | None = None,
+                        **settings) -> ModelDir:
+    """A model dir from ``source`` with one synthetic concept and fast settings; ``settings`` override the config."""
+    md = create_model(source, name, root)
+    folder = root / f"concept-{name}"
+    make_concept_images(folder, count=images)
+    cfg = load_config(md.path)
+    cfg.concepts = [Concept(instance_data_dir=str(folder), instance_prompt="a photo of zwx disc", instance_token="zwx",
+                            class_token="disc", n_samples=1, sample_steps=1, sample_seed=7, **(concept or {}))]
+    defaults = dict(resolution=TINY_RESOLUTION, epochs=2, save_every_n_epochs=0, preview_every_n_epochs=0,
+                    mixed_precision="no", learning_rate=1e-3, lr_scheduler="constant", gradient_checkpointing=False,
+                    save_checkpoint=False)
+    for key, value in {**defaults, **settings}.items():
+        setattr(cfg, key, value)
+    cfg.save(md.path)
+    return md

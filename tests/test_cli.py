@@ -76,7 +76,9 @@ def test_help_everywhere():
         assert proc.returncode == 0 and "usage:" in proc.stdout, argv
 
 
+@pytest.mark.slow
 def test_demo(tmp_path, capsys):
     code, out, _ = run(capsys, "demo", "--out", str(tmp_path / "demo"))
-    assert code == 0 and "round trip exact" in out
-    assert (tmp_path / "demo" / "models" / "Stable-diffusion" / "demo-sd1.safetensors").is_file()
+    assert code == 0 and "round trip exact" in out and "lower)" in out
+    assert (tmp_path / "demo" / "models" / "Stable-diffusion" / "demo-sd1_90.safetensors").is_file()
+    assert len(list((tmp_path / "demo" / "models" / "dreambooth" / "demo-sd1" / "samples").glob("*.png"))) == 6
