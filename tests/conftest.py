@@ -59,8 +59,9 @@ def make_training_model(root: Path, source: Path, name: str = "m", images: int =
     folder = root / f"concept-{name}"
     make_concept_images(folder, count=images)
     cfg = load_config(md.path)
-    cfg.concepts = [Concept(instance_data_dir=str(folder), instance_prompt="a photo of zwx disc", instance_token="zwx",
-                            class_token="disc", n_samples=1, sample_steps=1, sample_seed=7, **(concept or {}))]
+    fields = dict(instance_data_dir=str(folder), instance_prompt="a photo of zwx disc", instance_token="zwx",
+                  class_token="disc", n_samples=1, sample_steps=1, sample_seed=7)
+    cfg.concepts = [Concept(**{**fields, **(concept or {})})]
     defaults = dict(resolution=TINY_RESOLUTION, epochs=2, save_every_n_epochs=0, preview_every_n_epochs=0,
                     mixed_precision="no", learning_rate=1e-3, lr_scheduler="constant", gradient_checkpointing=False,
                     save_checkpoint=False)

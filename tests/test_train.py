@@ -392,3 +392,99 @@ def test_disk_full_during_a_save_keeps_the_previous_save(tmp_path, sd1, monkeypa
     status = json.loads(md.status_path.read_text())
     assert status["state"] == "failed" and "No space left" in status["message"]
     weights(md)  # working/ is still loadable
+
+
+# --- controls and the remaining settings -----------------------------------------------------------------------
+
+
+def test_sigterm_cancels_and_the_handlers_are_given_back(tmp_path, sd1, monkeypatch):
+    import os
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    original = Trainer._optimizer_step
+
+    def step_then_signal(self, group):
+        original(self, group)
+        if self.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", step_then_signal)
+    md = make_training_model(tmp_path, sd1, save_on_cancel=False, epochs=1)
+    trainer = Trainer(md, RunOptions(device="cpu", install_signal_handlers=True))
+    trainer.run()
+    assert trainer.step == 2 and json.loads(md.status_path.read_text())["state"] == "cancelled"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_pause_request_holds_the_run_until_unpaused(tmp_path, sd1, monkeypatch):
+    import threading
+
+    from dreambooth.train.status import request_pause, request_unpause
+
+    md = make_training_model(tmp_path, sd1, epochs=1)
+    seen = []
+    original = Trainer._optimizer_step
+
+    def step(self, group):
+        original(self, group)
+        if self.step == 1:
+            request_pause(md)
+            threading.Timer(0.8, lambda: (seen.append(json.loads(md.status_path.read_text())["state"]),
+                                          request_unpause(md))).start()
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", step)
+    start = time.perf_counter()
+    trainer = run(md)
+    assert seen == ["paused"] and trainer.step == 4 and time.perf_counter() - start >= 0.8
+
+
+def test_optimizer_settings_reach_the_optimizer(tmp_path, sd1):
+    md = make_training_model(tmp_path, sd1, epochs=1, images=1, text_encoder_ratio=1.0, learning_rate=3e-4,
+                             text_encoder_learning_rate=2e-5, weight_decay=0.05, adam_beta1=0.8, adam_beta2=0.95,
+                             adam_epsilon=1e-7)
+    trainer = run(md)
+    unet_group, te_group = trainer.optimizer.param_groups
+    assert unet_group["lr"] == 3e-4 and te_group["lr"] == 2e-5
+    for group in (unet_group, te_group):
+        assert group["weight_decay"] == 0.05 and group["betas"] == (0.8, 0.95) and group["eps"] == 1e-7
+
+
+def test_shuffle_tags_and_keep_tokens_reach_the_prompts(tmp_path, sd1, monkeypatch):
+    prompts = []
+    real = loop_module.tokenize_prompts
+
+    def spy(tokenizer, batch, mode):
+        prompts.extend(batch)
+        return real(tokenizer, batch, mode)
+
+    monkeypatch.setattr(loop_module, "tokenize_prompts", spy)
+    concept = {"instance_prompt": "zwx, red, round, shiny, small, bright"}
+    run(make_training_model(tmp_path, sd1, epochs=3, shuffle_tags=True, keep_tokens=1, concept=concept))
+    assert len(set(prompts)) > 1 and all(p.startswith("zwx, ") for p in prompts)
+    prompts.clear()
+    run(make_training_model(tmp_path, sd1, name="fixed", epochs=3, shuffle_tags=False, concept=concept))
+    assert set(prompts) == {"zwx, red, round, shiny, small, bright"}
+
+
+def test_resolution_and_buckets_set_the_latent_size(tmp_path, sd1):
+    md = make_training_model(tmp_path, sd1, epochs=1, resolution=48, enable_buckets=False)
+    wide = tmp_path / "concept-m" / "wide.png"
+    Image.new("RGB", (128, 64), (200, 10, 10)).save(wide)
+    trainer = run(md)
+    assert {tuple(v.shape[-2:]) for v in trainer.latent_cache.values()} == {(6, 6)}
+    md = make_training_model(tmp_path, sd1, name="b", epochs=1, resolution=64, enable_buckets=True)
+    Image.new("RGB", (128, 64), (200, 10, 10)).save(tmp_path / "concept-b" / "wide.png")
+    trainer = run(md)
+    shapes = {key[0].name: tuple(v.shape[-2:]) for key, v in trainer.latent_cache.items()}
+    assert shapes["wide.png"][1] > shapes["wide.png"][0]  # wider than tall: no squashing into the square
+    assert shapes["disc_00.png"] == (8, 8)
+
+
+@pytest.mark.parametrize("sampler, label", [("euler_a", "Euler a"), ("ddim", "DDIM")])
+def test_preview_sampler_is_the_chosen_one(tmp_path, sd1, sampler, label):
+    md = make_training_model(tmp_path, sd1, epochs=1, images=1, preview_every_n_epochs=1, sample_scheduler=sampler)
+    run(md)
+    (sample,) = md.samples.glob("*.png")
+    assert f"Sampler: {label}" in Image.open(sample).text["parameters"]
+    assert json.loads(md.status_path.read_text())["samples"] == [str(sample)]

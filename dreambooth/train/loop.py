@@ -129,6 +129,7 @@ class Trainer:
             self._finish("failed", f"{type(err).__name__}: {err}")
             raise
         finally:
+            self.controls.close()
             self.status.close()
         return self.status.status
 
@@ -444,7 +445,6 @@ class Trainer:
         self.status.update(force=True, state="running", message="")
 
     def _finish(self, state: str, message: str) -> None:
-        self.controls.clear()
         self.status.update(force=True, state=state, message=message, step=self.step, epoch=self.epoch)
         log.info("%s: %s", state, message)
 

@@ -60,12 +60,13 @@ class Controls:
     def __init__(self, model: ModelDir, install_signal_handlers: bool = True) -> None:
         self.model = model
         self._signalled = False
+        self._previous: dict[int, Any] = {}
         for name in (CANCEL_FILE, PAUSE_FILE):
             (model.path / name).unlink(missing_ok=True)  # a request from an earlier run does not apply
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 try:
-                    signal.signal(sig, self._on_signal)
+                    self._previous[sig] = signal.signal(sig, self._on_signal)
                 except ValueError:  # not the main thread: files still work
                     pass
 
@@ -81,9 +82,13 @@ class Controls:
     def pause_requested(self) -> bool:
         return (self.model.path / PAUSE_FILE).exists()
 
-    def clear(self) -> None:
+    def close(self) -> None:
+        """Remove the request files and give the signals back to whoever had them before the run."""
         for name in (CANCEL_FILE, PAUSE_FILE):
             (self.model.path / name).unlink(missing_ok=True)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 class StatusWriter:
