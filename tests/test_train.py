@@ -488,3 +488,29 @@ def test_preview_sampler_is_the_chosen_one(tmp_path, sd1, sampler, label):
     (sample,) = md.samples.glob("*.png")
     assert f"Sampler: {label}" in Image.open(sample).text["parameters"]
     assert json.loads(md.status_path.read_text())["samples"] == [str(sample)]
+
+
+def test_nan_loss_stops_the_run_and_no_nan_is_saved(tmp_path, sd1, monkeypatch):
+    from dreambooth.train import step as step_module
+
+    real = step_module.compute_loss
+
+    def poisoned(models, batch, settings, generator):
+        loss, per = real(models, batch, settings, generator)
+        if poisoned.calls >= 5:  # from step 6 on: the loss and, through backward, the weights go NaN
+            loss = loss * float("nan")
+        poisoned.calls += 1
+        return loss, per
+
+    poisoned.calls = 0
+    monkeypatch.setattr(loop_module, "compute_loss", poisoned)
+    md = make_training_model(tmp_path, sd1, epochs=3, save_every_n_epochs=1, save_checkpoint=True)
+    with pytest.raises(UserError) as err:
+        run(md, export_dir=tmp_path / "exports")
+    assert "nan" in err.value.message.lower() and "learning rate" in err.value.hint
+    status = json.loads(md.status_path.read_text())
+    assert status["state"] == "failed" and status["step"] <= 8
+    assert [p.name for p in list_states(md.checkpoints)] == ["step_00000004"]  # only the save before the NaN
+    for component in ("unet",):
+        assert all(torch.isfinite(t).all() for t in weights(md, component).values())
+    assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["m_4.safetensors"]

@@ -46,6 +46,8 @@ from .step import Batch, StepSettings, compute_loss
 log = logging.getLogger(__name__)
 
 AUTOCAST = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+NAN_HINT = ("lower the learning rate, use bf16 instead of fp16 mixed precision, or turn gradient clipping on; "
+            "then resume from the last save")
 
 
 class Cancelled(Exception):
@@ -362,6 +364,11 @@ class Trainer:
         cfg = self.cfg
         self.status.update(force=True, state="saving", message=f"saving at step {self.step}")
         weights = self._trained_weights()
+        broken = next((f"{c}.{k}" for c, state in weights.items() for k, v in state.items()
+                       if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if broken is not None:
+            raise UserError(f"the weights are no longer finite at step {self.step} ({broken}); nothing was saved",
+                            NAN_HINT)
         trainer_state = {
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
@@ -409,6 +416,10 @@ class Trainer:
             return
         losses = [(s, e, float(t), lrs) for s, e, t, lrs in self.pending_losses]  # the one host sync per report
         self.pending_losses.clear()
+        bad = next(((s, value) for s, _, value, _ in losses if not math.isfinite(value)), None)
+        if bad is not None:
+            raise UserError(f"the loss became {bad[1]} at step {bad[0]}; training stopped, the last save (if any) "
+                            "is intact", NAN_HINT)
         for s, e, value, lrs in losses:
             self.status.log_loss(s, e, value, lrs)
         lrs = self.lr_scheduler.get_last_lr()
