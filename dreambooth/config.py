@@ -405,14 +405,18 @@ def config_from_dict(data: Any) -> tuple[TrainConfig, list[str]]:
     return cfg, notes
 
 
-def load_config(model_dir: str | Path) -> TrainConfig:
-    path = Path(model_dir) / CONFIG_FILE
+def _read_json(path: Path, what: str, missing_hint: str, broken_hint: str) -> Any:
     if not path.is_file():
-        raise ConfigError(f"{path} does not exist", "create the model first, or pick another model dir")
+        raise ConfigError(f"{what}{path} does not exist", missing_hint)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path} is not valid JSON: {err}", "fix the file or restore it from backups/") from None
+        raise ConfigError(f"{what}{path} is not valid JSON: {err}", broken_hint) from None
+
+
+def load_config(model_dir: str | Path) -> TrainConfig:
+    data = _read_json(Path(model_dir) / CONFIG_FILE, "", "create the model first, or pick another model dir",
+                      "fix the file or restore it from backups/")
     return config_from_dict(data)[0]
 
 
@@ -426,12 +430,7 @@ def save_progress(model_dir: str | Path, revision: int, epochs_trained: int) -> 
 def load_concepts_file(path: str | Path) -> list[Concept]:
     """A concepts-list JSON file: a list of concept objects (the old extension's format is migrated)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"concepts list file {path} does not exist", "fix the path or clear the field")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"concepts list file {path} is not valid JSON: {err}", "fix the file") from None
+    data = _read_json(path, "concepts list file ", "fix the path or clear the field", "fix the file")
     if not isinstance(data, list):
         raise ConfigError(f"concepts list file {path}: expected a JSON list of concepts, got {type(data).__name__}",
                           "wrap the concepts in [ ... ]")
