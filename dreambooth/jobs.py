@@ -1,0 +1,295 @@
+"""Start, watch and stop training runs as separate worker processes.
+
+The caller (the WebUI tab, the HTTP API, the standalone UI) returns at once, and an out-of-memory error or a crash
+ends the worker, never the caller. The worker is ``python -m dreambooth train NAME ...`` (the same one the CLI runs);
+it talks back through the model dir: ``status.json``, ``logs/`` and ``samples/``. Its stdout and stderr are appended
+to ``logs/worker.log``.
+
+Locking: :func:`start` takes the model's ``train.lock`` (see :mod:`lock`) before the worker exists and writes the
+worker's pid into it, so a second start is refused while that process lives, and the lock goes stale by itself when
+the worker ends or crashes. The lock's token reaches the worker in ``$DREAMBOOTH_LOCK_TOKEN``, so a worker that takes
+the lock itself (and removes it at its end) takes over this one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from . import lock
+from .atomic import write_json
+from .config import ATTENTION, load_concepts_file, load_config
+from .errors import ConfigError, UserError
+from .store import ModelDir
+from .train.status import CANCEL_FILE, PAUSE_FILE, read_status, request_cancel, request_pause, request_unpause
+
+log = logging.getLogger(__name__)
+
+PACKAGE_PARENT = Path(__file__).resolve().parent.parent  # the folder that contains this copy of the package
+WORKER_LOG = "worker.log"
+ACTIVE_STATES = ("starting", "generating_class_images", "running", "paused", "saving")
+FINAL_STATES = ("done", "failed", "cancelled")
+LOG_TAIL_LINES = 40
+LOG_TAIL_CHARS = 8000
+
+_children: dict[int, subprocess.Popen] = {}  # workers started by this process, kept to reap them (no zombies)
+_exit_codes: dict[int, int] = {}  # pid -> exit code of the workers reaped so far
+_children_lock = threading.Lock()
+
+
+class AlreadyRunning(UserError):
+    """A training of this model is already running."""
+
+
+class NotRunning(UserError):
+    """A pause, resume or cancel for a model that is not training."""
+
+
+def worker_command(model: ModelDir, *, models_root: Path, resume: bool, device: str | None,
+                   export_dir: Path | None, attention_default: str | None) -> list[str]:
+    """The worker's command line (tests replace this to start a stand-in)."""
+    cmd = [sys.executable, "-m", "dreambooth", "train", model.name, "--models-root", str(models_root)]
+    if resume:
+        cmd.append("--resume")
+    if device:
+        cmd += ["--device", device]
+    if export_dir is not None:
+        cmd += ["--export-dir", str(export_dir)]
+    if attention_default:
+        cmd += ["--attention-default", attention_default]
+    return cmd
+
+
+def _check_config(model: ModelDir) -> None:
+    """Refuse a config the worker would refuse, before a process is started."""
+    cfg = load_config(model.path)
+    concepts = load_concepts_file(cfg.concepts_list_file) if cfg.concepts_list_file else cfg.concepts
+    if not concepts:
+        raise ConfigError(f"model {model.name!r} has no concepts to train",
+                          "add a concept with an instance images folder and prompt")
+
+
+def _worker_env(token: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("PYTHONSAFEPATH", None)  # it would keep the working dir (our package's parent) off sys.path
+    parts = [str(PACKAGE_PARENT), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    env["PYTHONPATH"] = os.pathsep.join(parts)
+    env[lock.TOKEN_ENV] = token
+    env.setdefault("PYTHONUNBUFFERED", "1")  # the log shows what happened up to a crash
+    return env
+
+
+def start(model: ModelDir, *, models_root: Path, resume: bool = False, device: str | None = None,
+          export_dir: Path | None = None, attention_default: str | None = None) -> int:
+    """Start a worker that trains ``model``; return its pid at once.
+
+    The config is validated first, so a bad one is refused before any process starts. Raises AlreadyRunning while
+    another worker trains this model. ``status.json`` says ``starting`` when this returns.
+    """
+    _reap()
+    choices = [a for a in ATTENTION if a != "auto"]  # what the worker's --attention-default accepts
+    if attention_default is not None and attention_default not in choices:
+        raise UserError(f"attention default {attention_default!r} is not one of {', '.join(choices)}",
+                        "fix the host's attention setting")
+    _check_config(model)
+    try:
+        held = lock.acquire(model.path)
+    except lock.Locked as err:
+        raise AlreadyRunning(f"{model.name!r} is already training (pid {err.holder['pid']})",
+                             "wait for it to finish, or cancel it first") from None
+    other = _unlocked_trainer_pid(model)
+    if other is not None and other != os.getpid():
+        held.release()
+        raise AlreadyRunning(f"{model.name!r} is already training (pid {other})",
+                             "wait for it to finish, or cancel it first")
+    try:
+        for name in (CANCEL_FILE, PAUSE_FILE):  # requests meant for an earlier run
+            (model.path / name).unlink(missing_ok=True)
+        cmd = worker_command(model, models_root=Path(models_root), resume=resume, device=device,
+                             export_dir=export_dir, attention_default=attention_default)
+        model.logs.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        write_json(model.status_path, {"state": "starting", "message": "starting the training process",
+                                       "pid": None, "started_at": started, "samples": [], "resume": resume,
+                                       "launch_token": held.token})
+        with open(model.logs / WORKER_LOG, "ab") as log_file:
+            log_file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(cmd)}\n".encode())
+            log_file.flush()
+            popen_args: dict[str, Any] = {}
+            if sys.platform == "win32":
+                popen_args["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
+            else:
+                popen_args["start_new_session"] = True  # Ctrl-C in the host's terminal does not reach the worker
+            proc = subprocess.Popen(cmd, cwd=str(PACKAGE_PARENT), stdin=subprocess.DEVNULL, stdout=log_file,
+                                    stderr=subprocess.STDOUT, env=_worker_env(held.token), **popen_args)
+    except BaseException as err:
+        held.release()
+        if isinstance(err, OSError):
+            _write_failed(model, f"could not start the training process: {err}")
+            raise UserError(f"could not start the training process: {err}", "see the host's log") from err
+        raise
+    with _children_lock:
+        _children[proc.pid] = proc
+    held.hand_over(proc.pid)
+    current = read_status(model)
+    if current is not None and current.get("launch_token") == held.token and current.get("pid") is None:
+        current["pid"] = proc.pid
+        write_json(model.status_path, current)
+    log.info("started training of %s (pid %d)", model.name, proc.pid)
+    return proc.pid
+
+
+def _write_failed(model: ModelDir, message: str) -> None:
+    write_json(model.status_path, {"state": "failed", "message": message, "pid": None, "samples": [],
+                                   "updated_at": time.time()})
+
+
+def _reap() -> None:
+    """Collect the exit status of workers that ended, so they do not linger as zombies."""
+    with _children_lock:
+        for pid, proc in list(_children.items()):
+            code = proc.poll()
+            if code is not None:
+                _exit_codes[pid] = code
+                del _children[pid]
+
+
+def exit_code(pid: int, wait: float = 0.0) -> int | None:
+    """The exit code of a worker this process started and that has ended (None if unknown or still running).
+
+    ``wait``: seconds to wait for it. A worker whose main thread has ended counts as dead at once, but its exit
+    code comes only when its last thread is gone (a moment later, after torch's threads).
+    """
+    with _children_lock:
+        proc = _children.get(pid)
+    if proc is not None and wait > 0:
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            pass
+    _reap()
+    return _exit_codes.get(pid)
+
+
+def worker_pid(model: ModelDir) -> int | None:
+    """The pid of the live process that trains ``model`` (the holder of ``train.lock``, else see
+    :func:`_unlocked_trainer_pid`), or None."""
+    _reap()
+    info = lock.holder(model.path)
+    return int(info["pid"]) if info is not None else _unlocked_trainer_pid(model)
+
+
+def _unlocked_trainer_pid(model: ModelDir) -> int | None:
+    """For a run that did not take the lock (a trainer started directly, e.g. ``python -m dreambooth train`` in a
+    terminal): the process ``status.json`` names while it says the run is active, if that process still runs and
+    started before the run did (so a reused pid does not count)."""
+    current = read_status(model) or {}
+    pid, started = current.get("pid"), current.get("started_at")
+    if current.get("state") not in ACTIVE_STATES or not isinstance(pid, int) or not lock.pid_alive(pid):
+        return None
+    began = lock.process_started_at(pid)
+    if began is not None and isinstance(started, (int, float)) and began > started + 5:
+        return None
+    return pid
+
+
+def running(model: ModelDir) -> bool:
+    """Whether a live process trains ``model`` (a worker started by any process, or a trainer run directly)."""
+    return worker_pid(model) is not None
+
+
+def log_tail(model: ModelDir, lines: int = LOG_TAIL_LINES) -> str:
+    """The last lines of ``logs/worker.log`` (at most LOG_TAIL_CHARS characters)."""
+    path = model.logs / WORKER_LOG
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 4 * LOG_TAIL_CHARS))
+            text = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    tail = "\n".join(text.splitlines()[-lines:])
+    return tail[-LOG_TAIL_CHARS:]
+
+
+def status(model: ModelDir) -> dict[str, Any]:
+    """``status.json`` plus ``running``. A worker that died while its status still said it was active is
+    reported as ``failed`` (or ``cancelled`` when a cancel was asked for), with the tail of ``logs/worker.log``."""
+    is_running = running(model)
+    current = read_status(model)
+    if current is None:
+        return {"state": "idle", "message": "not trained yet", "running": is_running}
+    current = {k: v for k, v in current.items() if k != "launch_token"}
+    current["running"] = is_running
+    if not is_running and current.get("state") in ACTIVE_STATES:
+        pid = current.get("pid")
+        if (model.path / CANCEL_FILE).exists() or current.get("cancel_requested"):
+            current.update(state="cancelled", message=f"cancelled (the training process ended while "
+                                                      f"{current.get('state')})")
+        else:
+            code = exit_code(pid, wait=2.0) if isinstance(pid, int) else None
+            how = f"with exit code {code}" if code is not None else "unexpectedly"
+            current.update(state="failed", message=f"the training process (pid {pid}) ended {how} while "
+                                                   f"{current.get('state')}; see {model.logs / WORKER_LOG}")
+            current["log_tail"] = log_tail(model)
+    elif current.get("state") == "failed":
+        current["log_tail"] = log_tail(model)
+    return current
+
+
+def _require_running(model: ModelDir, what: str) -> int:
+    pid = worker_pid(model)
+    if pid is None:
+        raise NotRunning(f"cannot {what} {model.name!r}: it is not training", "start a training first")
+    return pid
+
+
+def cancel(model: ModelDir) -> None:
+    """Ask the worker to stop at the next step (it saves first if the config says so)."""
+    pid = _require_running(model, "cancel")
+    request_cancel(model)
+    current = read_status(model) or {}
+    if current.get("state") == "starting":
+        # The worker may not watch the request files yet (it removes old ones when it starts to): SIGTERM cancels
+        # too, and before its handler is installed it ends the process. The mark in status.json tells status()
+        # that such an end was a cancel; once the worker writes its own status it reports the cancel itself.
+        write_json(model.status_path, {**current, "cancel_requested": True})
+        _signal(pid, signal.SIGTERM)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except OSError as err:
+        log.warning("could not signal pid %d: %s", pid, err)
+
+
+def pause(model: ModelDir) -> None:
+    """Ask the worker to pause at the next step boundary."""
+    _require_running(model, "pause")
+    request_pause(model)
+
+
+def unpause(model: ModelDir) -> None:
+    """Let a paused worker go on."""
+    _require_running(model, "resume")
+    request_unpause(model)
+
+
+def wait(model: ModelDir, timeout: float, poll: float = 0.2) -> dict[str, Any]:
+    """Poll until the worker has ended (or ``timeout`` seconds passed); return :func:`status` then."""
+    end = time.monotonic() + timeout
+    while True:
+        current = status(model)
+        if not current["running"] or time.monotonic() >= end:
+            return current
+        time.sleep(poll)
+
