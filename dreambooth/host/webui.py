@@ -1,38 +1,152 @@
 """The host adapter inside the AUTOMATIC1111 WebUI: the only module that imports the WebUI's ``modules``.
 
-Import it only inside the WebUI (``scripts/dreambooth_tab.py`` does). It answers the same questions as
-``standalone`` from the WebUI's own state: its models path, its checkpoint and Lora folders, its settings.
+Import it only inside the WebUI (``scripts/dreambooth_tab.py`` does). ``WebUIHost`` answers the questions the tab
+and the API ask (models root, checkpoint list, attention default, ...) from the WebUI's own state, and carries
+out what training needs from the WebUI: its model leaves VRAM before a run and comes back after, the run's progress
+shows in the WebUI's progress state, and the checkpoint list is refreshed after an export.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-from modules import paths_internal, script_callbacks, shared  # noqa: I001 - the WebUI's modules
+from modules import paths_internal, script_callbacks, sd_models, shared  # noqa: I001 - the WebUI's modules
+
+from ..store import ModelDir
 
 log = logging.getLogger(__name__)
 
 SECTION = ("dreambooth", "Dreambooth")
 OPT_MODELS_ROOT = "dreambooth_models_root"
 OPT_FREE_VRAM = "dreambooth_free_webui_model"
+OPT_ATTENTION = "dreambooth_attention"
+
+# the WebUI's cross-attention choice -> ours; anything else (Doggettx, InvokeAI, sub-quadratic, V1, None) is default
+_ATTENTION = {"xformers": "xformers", "sdp": "sdp", "sdp-no-mem": "sdp"}
 
 
-def models_root() -> Path:
-    """Our models root: the setting if the user set one, else the WebUI's models path."""
-    custom = getattr(shared.opts, OPT_MODELS_ROOT, "") or ""
-    return Path(custom or paths_internal.models_path).expanduser().resolve()
+def attention_from_webui(choice: str | None, cmd_opts: object) -> str:
+    """Our attention for the WebUI's setting: xformers -> xformers, sdp / sdp-no-mem -> SDP, others -> default.
+
+    "Automatic" is what the WebUI would pick: xformers when started with --xformers, else SDP.
+    """
+    if not choice or choice == "Automatic":
+        if getattr(cmd_opts, "xformers", False) or getattr(cmd_opts, "force_enable_xformers", False):
+            return "xformers"
+        return "sdp"
+    return _ATTENTION.get(choice, "default")
 
 
-def checkpoint_dir() -> Path:
-    """Where the WebUI lists checkpoints: --ckpt-dir if given, else <models>/Stable-diffusion."""
-    custom = getattr(shared.cmd_opts, "ckpt_dir", None)
-    return Path(custom) if custom else Path(paths_internal.models_path) / "Stable-diffusion"
+def parse_api_auth(value: str | None) -> dict[str, str] | None:
+    """The WebUI's ``--api-auth user:pass,user2:pass2`` as {user: password}; None when not set."""
+    if not value:
+        return None
+    credentials = {}
+    for pair in value.split(","):
+        user, _, password = pair.strip().partition(":")
+        if user:
+            credentials[user] = password
+    return credentials or None
 
 
-def lora_dir() -> Path:
-    custom = getattr(shared.cmd_opts, "lora_dir", None)
-    return Path(custom) if custom else Path(paths_internal.models_path) / "Lora"
+class WebUIHost:
+    """What the tab, the API and the worker launcher need from the WebUI."""
+
+    def __init__(self) -> None:
+        self._watchers: dict[Path, threading.Thread] = {}
+
+    # --- places and lists -------------------------------------------------------------------------------------
+    def models_root(self) -> Path:
+        """Our models root: the setting if the user set one, else the WebUI's models path."""
+        custom = getattr(shared.opts, OPT_MODELS_ROOT, "") or ""
+        return Path(custom or paths_internal.models_path).expanduser().resolve()
+
+    def checkpoint_dir(self) -> Path:
+        """Where the WebUI lists checkpoints: --ckpt-dir if given, else <models>/Stable-diffusion."""
+        custom = getattr(shared.cmd_opts, "ckpt_dir", None)
+        return Path(custom) if custom else Path(paths_internal.models_path) / "Stable-diffusion"
+
+    def lora_dir(self) -> Path:
+        custom = getattr(shared.cmd_opts, "lora_dir", None)
+        return Path(custom) if custom else Path(paths_internal.models_path) / "Lora"
+
+    def checkpoints(self) -> list[str]:
+        """The files of the WebUI's checkpoint list, in its order."""
+        return [info.filename for info in sd_models.checkpoints_list.values()]
+
+    def loaded_checkpoint(self) -> str | None:
+        """The file of the checkpoint the WebUI has selected, without loading a model to find out."""
+        model = getattr(getattr(sd_models, "model_data", None), "sd_model", None)
+        info = getattr(model, "sd_checkpoint_info", None)
+        if info is not None:
+            return info.filename
+        title = getattr(shared.opts, "sd_model_checkpoint", None)
+        info = sd_models.checkpoints_list.get(title) if title else None
+        return info.filename if info is not None else None
+
+    def attention_default(self) -> str:
+        """Our settings page's choice, or (by default) whatever the WebUI itself runs with."""
+        chosen = getattr(shared.opts, OPT_ATTENTION, "auto") or "auto"
+        if chosen != "auto":
+            return chosen
+        return attention_from_webui(getattr(shared.opts, "cross_attention_optimization", None), shared.cmd_opts)
+
+    def api_credentials(self) -> dict[str, str] | None:
+        return parse_api_auth(getattr(shared.cmd_opts, "api_auth", None))
+
+    def after_export(self, path: Path) -> None:
+        """Refresh the WebUI's checkpoint list so the new file can be picked at once."""
+        sd_models.list_models()
+        log.info("refreshed the WebUI's checkpoint list after exporting %s", path)
+
+    # --- around a training run ----------------------------------------------------------------------------------
+    def free_vram(self) -> bool:
+        """Move the WebUI's model out of VRAM (unless the setting says no). True if it was moved."""
+        if not getattr(shared.opts, OPT_FREE_VRAM, True):
+            return False
+        if getattr(getattr(sd_models, "model_data", None), "sd_model", None) is None:
+            return False
+        sd_models.unload_model_weights()
+        return True
+
+    def restore_vram(self) -> None:
+        sd_models.reload_model_weights()
+
+    def training_started(self, model: ModelDir, is_running: Callable[[], bool],
+                         read_status: Callable[[], dict | None], poll_seconds: float = 1.0) -> None:
+        """Free VRAM now; mirror progress into the WebUI's state while the worker runs; bring the model back after.
+
+        ``is_running()`` and ``read_status()`` come from the jobs module; a thread watches the worker.
+        """
+        moved = self.free_vram()
+        shared.state.begin(job="dreambooth")
+        shared.state.job_count = 1
+        shared.state.textinfo = f"Dreambooth: training {model.name}"
+
+        def watch() -> None:
+            try:
+                while is_running():
+                    status = read_status() or {}
+                    shared.state.sampling_steps = int(status.get("total_steps") or 0)
+                    shared.state.sampling_step = int(status.get("step") or 0)
+                    loss = status.get("smoothed_loss")
+                    shared.state.textinfo = (f"Dreambooth {model.name}: step {shared.state.sampling_step}/"
+                                             f"{shared.state.sampling_steps}"
+                                             + (f", loss {loss:.4f}" if isinstance(loss, float) else ""))
+                    time.sleep(poll_seconds)
+            finally:
+                shared.state.end()
+                if moved:
+                    self.restore_vram()
+                self._watchers.pop(model.path, None)
+
+        thread = threading.Thread(target=watch, name=f"dreambooth-watch-{model.name}", daemon=True)
+        self._watchers[model.path] = thread
+        thread.start()
 
 
 def on_ui_settings() -> None:
@@ -41,6 +155,16 @@ def on_ui_settings() -> None:
         section=SECTION))
     shared.opts.add_option(OPT_FREE_VRAM, shared.OptionInfo(
         True, "Move the WebUI's loaded model out of VRAM while training", section=SECTION))
+    shared.opts.add_option(OPT_ATTENTION, shared.OptionInfo(
+        "auto", "Default memory attention for training ('auto' follows the WebUI's cross attention optimization)",
+        component=_dropdown(), component_args={"choices": ["auto", "default", "sdp", "xformers"]},
+        section=SECTION))
+
+
+def _dropdown() -> object:
+    import gradio as gr  # the WebUI's own gradio; only imported when the settings page is built
+
+    return gr.Dropdown
 
 
 def register() -> None:

@@ -35,7 +35,29 @@ class Options:
         raise AttributeError(item)
 
 
+class State:
+    """The WebUI's progress state (modules/shared_state.py)."""
+
+    def __init__(self):
+        self.job = ""
+        self.job_count = 0
+        self.job_no = 0
+        self.sampling_step = 0
+        self.sampling_steps = 0
+        self.textinfo = None
+        self.interrupted = False
+        self.current_image = None
+        self.active = False
+
+    def begin(self, job="(unknown)"):
+        self.job, self.active, self.sampling_step, self.sampling_steps = job, True, 0, 0
+
+    def end(self):
+        self.job, self.active = "", False
+
+
 cmd_opts = argparse.Namespace(xformers=False, opt_sdp_attention=False, opt_sdp_no_mem_attention=False, medvram=False,
                               lowvram=False, api_auth=None, ckpt_dir=None, lora_dir=None, embeddings_dir=None,
                               data_dir=None, nowebui=False)
 opts = Options()
+state = State()

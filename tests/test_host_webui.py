@@ -1,0 +1,125 @@
+"""The WebUI host adapter against a stand-in of the WebUI's modules (tests/webui_standin, after HOST_API.md)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dreambooth.store import ModelDir
+
+STANDIN = Path(__file__).resolve().parent / "webui_standin"
+
+
+@pytest.fixture()
+def webui(tmp_path, monkeypatch):
+    """A fresh stand-in WebUI with its data dir in tmp_path, and our adapter imported against it."""
+    monkeypatch.setenv("WEBUI_STANDIN_DATA", str(tmp_path))
+    monkeypatch.syspath_prepend(str(STANDIN))
+    for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.delitem(sys.modules, "dreambooth.host.webui", raising=False)
+    adapter = importlib.import_module("dreambooth.host.webui")
+    from modules import sd_models, shared
+
+    ckpt_dir = tmp_path / "models" / "Stable-diffusion"
+    ckpt_dir.mkdir(parents=True)
+    for name in ("a.safetensors", "b.ckpt"):
+        (ckpt_dir / name).write_bytes(b"x")
+    sd_models.list_models()
+    sd_models.calls.clear()
+    return adapter, shared, sd_models
+
+
+def test_settings_and_paths_come_from_the_webui(webui, tmp_path):
+    adapter, shared, _ = webui
+    adapter.on_ui_settings()
+    assert {"dreambooth_models_root", "dreambooth_free_webui_model", "dreambooth_attention"} <= set(
+        shared.opts.data_labels)
+    host = adapter.WebUIHost()
+    assert host.models_root() == (tmp_path / "models").resolve()
+    shared.opts.data["dreambooth_models_root"] = str(tmp_path / "elsewhere")
+    assert host.models_root() == (tmp_path / "elsewhere").resolve()
+    assert host.checkpoint_dir() == tmp_path / "models" / "Stable-diffusion"
+    shared.cmd_opts.ckpt_dir = str(tmp_path / "ckpts")
+    assert host.checkpoint_dir() == tmp_path / "ckpts"
+    shared.cmd_opts.ckpt_dir = None
+
+
+def test_source_list_and_loaded_checkpoint(webui, tmp_path):
+    adapter, shared, sd_models = webui
+    host = adapter.WebUIHost()
+    folder = tmp_path / "models" / "Stable-diffusion"
+    assert host.checkpoints() == [str(folder / "a.safetensors"), str(folder / "b.ckpt")]
+    assert host.loaded_checkpoint() is None
+    title = next(t for t, i in sd_models.checkpoints_list.items() if i.name == "b.ckpt")
+    shared.opts.data["sd_model_checkpoint"] = title  # selected in the settings, not loaded yet
+    assert host.loaded_checkpoint() == str(folder / "b.ckpt")
+    info = next(i for i in sd_models.checkpoints_list.values() if i.name == "a.safetensors")
+    sd_models.model_data.sd_model = sd_models.FakeModel(info)  # the model actually loaded wins
+    assert host.loaded_checkpoint() == str(folder / "a.safetensors")
+
+
+@pytest.mark.parametrize("choice, xformers_flag, expected", [
+    ("xformers", False, "xformers"), ("sdp", False, "sdp"), ("sdp-no-mem", False, "sdp"),
+    ("Doggettx", False, "default"), ("InvokeAI", False, "default"), ("Automatic", True, "xformers"),
+    ("Automatic", False, "sdp"),
+])
+def test_attention_default_follows_the_webui(webui, choice, xformers_flag, expected):
+    adapter, shared, _ = webui
+    shared.opts.data["cross_attention_optimization"] = choice
+    shared.cmd_opts.xformers = xformers_flag
+    assert adapter.WebUIHost().attention_default() == expected
+    shared.opts.data["dreambooth_attention"] = "default"  # our own setting overrides
+    assert adapter.WebUIHost().attention_default() == "default"
+    shared.cmd_opts.xformers = False
+
+
+def test_api_auth_parsing(webui):
+    adapter, shared, _ = webui
+    assert adapter.parse_api_auth(None) is None
+    assert adapter.parse_api_auth("alice:pw1, bob:p:w2") == {"alice": "pw1", "bob": "p:w2"}
+    shared.cmd_opts.api_auth = "u:p"
+    assert adapter.WebUIHost().api_credentials() == {"u": "p"}
+    shared.cmd_opts.api_auth = None
+
+
+def test_export_refreshes_the_checkpoint_list(webui, tmp_path):
+    adapter, _, sd_models = webui
+    new = tmp_path / "models" / "Stable-diffusion" / "trained.safetensors"
+    new.write_bytes(b"x")
+    adapter.WebUIHost().after_export(new)
+    assert sd_models.calls == ["list_models"]
+    assert any(i.filename == str(new) for i in sd_models.checkpoints_list.values())
+
+
+def test_webui_model_leaves_vram_during_training_and_comes_back(webui, tmp_path):
+    adapter, shared, sd_models = webui
+    info = next(iter(sd_models.checkpoints_list.values()))
+    sd_models.model_data.sd_model = sd_models.FakeModel(info)
+    running = {"value": True}
+    progress = {"step": 3, "total_steps": 10, "smoothed_loss": 0.25}
+    host = adapter.WebUIHost()
+    host.training_started(ModelDir(tmp_path / "m"), lambda: running["value"], lambda: progress, poll_seconds=0.02)
+    assert sd_models.calls == ["unload_model_weights"] and sd_models.model_data.sd_model.device == "cpu"
+    time.sleep(0.1)
+    assert shared.state.active and shared.state.sampling_step == 3 and shared.state.sampling_steps == 10
+    assert "loss 0.2500" in shared.state.textinfo
+    running["value"] = False
+    deadline = time.time() + 2
+    while shared.state.active and time.time() < deadline:
+        time.sleep(0.02)
+    assert sd_models.calls == ["unload_model_weights", "reload_model_weights"]
+    assert sd_models.model_data.sd_model.device == "cuda" and not shared.state.active
+
+
+def test_setting_can_keep_the_model_in_vram(webui, tmp_path):
+    adapter, shared, sd_models = webui
+    sd_models.model_data.sd_model = sd_models.FakeModel(next(iter(sd_models.checkpoints_list.values())))
+    shared.opts.data["dreambooth_free_webui_model"] = False
+    adapter.WebUIHost().training_started(ModelDir(tmp_path / "m"), lambda: False, lambda: None, poll_seconds=0.01)
+    time.sleep(0.1)
+    assert sd_models.calls == []
