@@ -514,3 +514,15 @@ def test_nan_loss_stops_the_run_and_no_nan_is_saved(tmp_path, sd1, monkeypatch):
     for component in ("unet",):
         assert all(torch.isfinite(t).all() for t in weights(md, component).values())
     assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["m_4.safetensors"]
+
+
+def test_a_second_run_of_the_same_model_is_refused(tmp_path, sd1):
+    from dreambooth.errors import StoreError
+    from dreambooth.lock import acquire
+
+    md = make_training_model(tmp_path, sd1, epochs=1, images=1)
+    with acquire(md.path):  # another live process (this one) holds the model
+        with pytest.raises(StoreError, match="already training"):
+            Trainer(md, RunOptions(device="cpu", install_signal_handlers=False))
+    run(md)  # free again afterwards
+    assert not (md.path / "train.lock").exists()

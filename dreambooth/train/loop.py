@@ -24,6 +24,7 @@ from ..data.images import IMAGE_EXTENSIONS, list_images
 from ..data.prompts import tokenize_prompts
 from ..errors import UserError
 from ..export import export_checkpoint
+from ..lock import acquire
 from ..sample import (
     SampleRequest,
     build_pipeline,
@@ -100,11 +101,17 @@ class Trainer:
         self.model = model
         self.opts = options or RunOptions()
         self.cfg = load_config(model.path)
-        self.device = pick_device(self.opts.device)
-        if self.device.type == "cpu":
-            torch.set_flush_denormal(True)  # tiny values otherwise slow CPU math down by orders of magnitude
-        self.controls = Controls(model, self.opts.install_signal_handlers)
-        self.status = StatusWriter(model, self.device)
+        # one run per model dir; takes over the lock jobs.start handed to this worker ($DREAMBOOTH_LOCK_TOKEN)
+        self.lock = acquire(model.path)
+        try:
+            self.device = pick_device(self.opts.device)
+            if self.device.type == "cpu":
+                torch.set_flush_denormal(True)  # tiny values otherwise slow CPU math down by orders of magnitude
+            self.controls = Controls(model, self.opts.install_signal_handlers)
+            self.status = StatusWriter(model, self.device)
+        except BaseException:
+            self.lock.release()
+            raise
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -133,6 +140,7 @@ class Trainer:
         finally:
             self.controls.close()
             self.status.close()
+            self.lock.release()
         return self.status.status
 
     def _setup(self) -> None:
