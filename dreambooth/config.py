@@ -35,6 +35,7 @@ ATTENTION = ("auto", "default", "xformers", "sdp")
 SAMPLE_SCHEDULERS = ("ddim", "pndm", "lms", "euler", "euler_a", "dpmpp_2m", "unipc")
 LONG_PROMPTS = ("truncate", "chunk")
 EXPORT_DTYPES = ("fp16", "fp32", "bf16")
+METHODS = ("dreambooth", "lora")
 
 
 def setting(default: Any, label: str, help: str, group: str, *, minimum: float | None = None,
@@ -107,6 +108,21 @@ class TrainConfig:
                             ui=False)
     epochs_trained: int = setting(0, "Epochs trained", "Total epochs trained so far.", "model", minimum=0,
                                   ui=False)
+
+    method: str = setting("dreambooth", "Training method",
+                          "dreambooth trains the model's own weights; lora trains a small add-on file for the WebUI's "
+                          "Lora folder and leaves the model unchanged.", "method", choices=METHODS)
+    lora_rank: int = setting(16, "LoRA rank (network dim)", "Size of the LoRA; larger learns more, files get bigger.",
+                             "lora", minimum=1, maximum=1024)
+    lora_alpha: float = setting(8.0, "LoRA alpha",
+                                "The LoRA's effect is scaled by alpha / rank (0 means alpha = rank).", "lora",
+                                minimum=0.0, maximum=1024.0)
+    lora_dropout: float = setting(0.0, "LoRA dropout", "Dropout on the LoRA path while training.", "lora",
+                                  minimum=0.0, maximum=1.0)
+    lora_conv_rank: int = setting(0, "LoCon rank", "Also adapt the 3x3 convolutions with this rank (0 is off).",
+                                  "lora", minimum=0, maximum=1024)
+    lora_conv_alpha: float = setting(1.0, "LoCon alpha", "Scale of the convolution LoRA: conv alpha / conv rank.",
+                                     "lora", minimum=0.0, maximum=1024.0)
 
     # intervals
     epochs: int = setting(100, "Training steps per image (epochs)",

@@ -37,6 +37,7 @@ from ..sample import (
 from ..store import ModelDir
 from ..working import WEIGHT_NAMES, save_tensors
 from .ema import EMA
+from .lora import LoraNetwork, LoraSettings, lora_metadata, save_lora
 from .models import TEXT_ENCODER_NAMES, canonical_state, load_canonical, load_models, set_attention
 from .optimizers import OptimizerSettings, make_optimizer
 from .resume import latest_state, save_state
@@ -60,6 +61,7 @@ class RunOptions:
     device: str | None = None  # None: CUDA when available, else CPU
     resume: bool = False
     export_dir: Path | None = None  # where checkpoints are exported (the WebUI's Stable-diffusion folder)
+    lora_dir: Path | None = None  # where LoRA files are exported (the WebUI's Lora folder)
     attention_default: str = "sdp"  # what "auto" means here; the WebUI adapter passes the WebUI's own choice
     install_signal_handlers: bool = True
     on_progress: Callable[[dict], None] | None = None  # called with the status after each write (host progress)
@@ -118,6 +120,7 @@ class Trainer:
         self.latent_cache: dict[tuple[Path, tuple[int, int], bool], torch.Tensor] = {}
         self.vae_encodes = 0  # how many images went through the VAE (a cache hit adds none)
         self.base_revision = self.cfg.revision  # steps trained before this run
+        self.network: LoraNetwork | None = None
         self.saves: list[int] = []
         self.previews: list[int] = []
 
@@ -210,30 +213,42 @@ class Trainer:
                     te.gradient_checkpointing_enable()
 
     def _set_trainable(self) -> None:
+        """Decide what trains: the UNet and text encoder weights (DreamBooth) or a LoRA on top of them."""
         cfg, m = self.cfg, self.models
-        m.vae.requires_grad_(False)
-        m.unet.requires_grad_(cfg.train_unet)
-        m.unet.train(cfg.train_unet)
         train_te = self.text_encoder_steps > 0
+        if not cfg.train_unet and not train_te:
+            raise UserError("nothing to train: the UNet is off and the text encoder step ratio is 0",
+                            "turn 'Train UNet' on or set a text encoder step ratio above 0")
+        m.vae.requires_grad_(False)
+        m.unet.train(cfg.train_unet)
+        for te in m.text_encoders:
+            te.train(train_te)
+        if cfg.method == "lora":
+            settings = LoraSettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_conv_rank,
+                                    cfg.lora_conv_alpha, train_unet=cfg.train_unet, train_text_encoder=train_te)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)  # the LoRA's random init is part of the run: repeatable, resumable
+                self.network = LoraNetwork(m, settings, m.family.id).to(self.device)  # freezes the base weights
+            self.unet_params = self.network.parameters_for("unet") if cfg.train_unet else []
+            self.te_params = self.network.parameters_for("text_encoder") if train_te else []
+            return
+        m.unet.requires_grad_(cfg.train_unet)
         for te in m.text_encoders:
             te.requires_grad_(train_te)
-            te.train(train_te)
             if train_te and cfg.freeze_clip_normalization:
                 for name, p in te.named_parameters():
                     if "layer_norm" in name:
                         p.requires_grad_(False)
-        if not cfg.train_unet and not train_te:
-            raise UserError("nothing to train: the UNet is off and the text encoder step ratio is 0",
-                            "turn 'Train UNet' on or set a text encoder step ratio above 0")
+        self.unet_params = [p for p in m.unet.parameters() if p.requires_grad]
+        self.te_params = [p for te in m.text_encoders for p in te.parameters() if p.requires_grad]
 
     def _make_optimizer(self) -> None:
         cfg, m = self.cfg, self.models
         groups = []
-        if cfg.train_unet:
-            groups.append({"params": [p for p in m.unet.parameters() if p.requires_grad], "lr": cfg.learning_rate})
-        te_params = [p for te in m.text_encoders for p in te.parameters() if p.requires_grad]
-        if te_params:
-            groups.append({"params": te_params, "lr": cfg.text_encoder_learning_rate})
+        if self.unet_params:
+            groups.append({"params": self.unet_params, "lr": cfg.learning_rate})
+        if self.te_params:
+            groups.append({"params": self.te_params, "lr": cfg.text_encoder_learning_rate})
         settings = OptimizerSettings(cfg.optimizer, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
                                      cfg.adam_epsilon)
         self.optimizer, note = make_optimizer(groups, settings)
@@ -242,7 +257,11 @@ class Trainer:
             self.status.update(note=note)
         self.lr_scheduler = make_lr_scheduler(self.optimizer, cfg.lr_scheduler, self.total_steps,
                                               cfg.lr_warmup_steps, cfg.lr_cycles, cfg.lr_power)
-        self.ema = EMA(m.unet.parameters(), cfg.ema_decay) if cfg.use_ema and cfg.train_unet else None
+        self.ema = None
+        if cfg.use_ema and cfg.train_unet and self.network is None:
+            self.ema = EMA(m.unet.parameters(), cfg.ema_decay)
+        elif cfg.use_ema:
+            log.warning("EMA applies to full DreamBooth training of the UNet; it is off for this run")
         use_scaler = self.autocast is torch.float16 and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
 
@@ -269,8 +288,11 @@ class Trainer:
         if state is None:
             log.warning("no resume state in %s: starting from the working weights", self.model.checkpoints)
             return
-        for component, module in self._trained_modules().items():
-            load_canonical(component, module, state.weights[component])
+        if self.network is not None:
+            self.network.load_kohya_state_dict(state.weights["lora"])
+        else:
+            for component, module in self._trained_modules().items():
+                load_canonical(component, module, state.weights[component])
         t = state.trainer
         self.optimizer.load_state_dict(t["optimizer"])
         self.lr_scheduler.load_state_dict(t["lr_scheduler"])
@@ -314,12 +336,12 @@ class Trainer:
             self.ema.update(self.models.unet.parameters())
 
     def _stop_text_encoder(self) -> None:
-        """The text encoder's share of the steps is over: freeze it and drop its gradients."""
+        """The text encoder's share of the steps is over: freeze its trained parameters and drop their gradients."""
         for te in self.models.text_encoders:
-            te.requires_grad_(False)
             te.eval()
-            for p in te.parameters():
-                p.grad = None
+        for p in self.te_params:
+            p.requires_grad_(False)
+            p.grad = None
         log.info("text encoder training stopped at step %d", self.step)
 
     def _make_batch(self, examples: list[Example], rng: random.Random) -> Batch:
@@ -361,6 +383,8 @@ class Trainer:
         return out
 
     def _trained_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        if self.network is not None:
+            return {"lora": {k: v.detach().cpu() for k, v in self.network.kohya_state_dict().items()}}
         weights = {c: canonical_state(c, m) for c, m in self._trained_modules().items()}
         if self.ema is not None:
             with self.ema.swapped(self.models.unet.parameters()):
@@ -384,20 +408,39 @@ class Trainer:
             "base_revision": self.base_revision,
         }
         save_state(self.model.checkpoints, self.step, trainer_state, weights, cfg.keep_resume_states)
-        for component, state in weights.items():
+        if self.network is not None:
+            self._save_lora()
+        for component, state in ({} if self.network is not None else weights).items():
             folder = self.model.working / component
             if component == "unet_ema" and not folder.is_dir():
                 folder.mkdir()
                 shutil.copy2(self.model.working / "unet" / "config.json", folder / "config.json")
             save_tensors(folder / f"{WEIGHT_NAMES[component]}.safetensors", state)
         save_progress(self.model.path, self.base_revision + self.step, self.epoch)
-        if cfg.save_checkpoint and self.opts.export_dir is not None:
+        if cfg.save_checkpoint and self.opts.export_dir is not None and self.network is None:
             dest = self.opts.export_dir / f"{self.model.name}_{self.step}.safetensors"
             export_checkpoint(self.model, dest, dtype=cfg.export_dtype,
                               ema="main" if cfg.export_ema and self.ema is not None else "none")
             self.status.update(last_export=str(dest))
         self.saves.append(self.step)
         self.status.update(force=True, state="running", message=f"saved at step {self.step}")
+
+    def _save_lora(self) -> None:
+        """The LoRA file in kohya / WebUI format: the model dir's copy, and one per save in the Lora folder."""
+        cfg = self.cfg
+        tags: dict[str, dict[str, int]] = {}
+        for ex in self.data.all_examples():
+            folder = tags.setdefault(ex.image.parent.name, {})
+            for tag in (t.strip() for t in ex.caption.split(",")):
+                if tag:
+                    folder[tag] = folder.get(tag, 0) + 1
+        meta = lora_metadata(cfg.family, self.network.settings, self.model.name, tags, cfg.source_sha256,
+                             {"ss_steps": str(self.base_revision + self.step), "ss_epoch": str(self.epoch)})
+        save_lora(self.model.path / "lora" / f"{self.model.name}.safetensors", self.network, meta)
+        if cfg.save_checkpoint and self.opts.lora_dir is not None:
+            dest = self.opts.lora_dir / f"{self.model.name}_{self.step}.safetensors"
+            save_lora(dest, self.network, {**meta, "ss_output_name": dest.stem})
+            self.status.update(last_export=str(dest))
 
     def _preview(self) -> None:
         cfg, m = self.cfg, self.models
