@@ -1,0 +1,107 @@
+// Dreambooth tab: live progress while a training runs.
+//
+// The server renders the status block (#dreambooth_status) with data-db-running / data-db-progress /
+// data-db-tick. While a run is active this script clicks the tab's Refresh button (#dreambooth_poll) about once a
+// second, one request at a time (the next click waits until the previous answer changed data-db-tick), which
+// refreshes the progress bar, loss chart, gallery and log; and it puts the percentage in the page title.
+// Once the page is up it also refreshes the model and checkpoint lists (they are filled when the tab is built,
+// which in the WebUI is once, at start). It starts from the WebUI's onUiLoaded when that exists, and on its own
+// in the standalone app.
+(function () {
+  "use strict";
+
+  var POLL_MS = 1000; // one refresh a second while running
+  var STALE_MS = 15000; // click again if an answer never came
+  var lastClick = 0;
+  var clickedTick = null;
+  var baseTitle = null;
+  var started = false;
+  var listsRefreshed = false;
+
+  function root() {
+    if (typeof gradioApp === "function") {
+      return gradioApp();
+    }
+    var app = document.querySelector("gradio-app");
+    if (app && app.shadowRoot) {
+      return app.shadowRoot;
+    }
+    return document;
+  }
+
+  function statusBlock() {
+    return root().querySelector("#dreambooth_status [data-db-running]");
+  }
+
+  function refreshButton() {
+    var el = root().querySelector("#dreambooth_poll");
+    if (el && el.tagName !== "BUTTON") {
+      el = el.querySelector("button") || el;
+    }
+    return el;
+  }
+
+  function setTitle(running, percent) {
+    if (baseTitle === null) {
+      baseTitle = document.title.replace(/^\[\d+%\] /, "");
+    }
+    var title = running ? "[" + Math.floor(percent) + "%] " + baseTitle : baseTitle;
+    if (document.title !== title) {
+      document.title = title;
+    }
+  }
+
+  function refreshLists() {
+    var models = root().querySelector("#dreambooth_refresh_models");
+    var sources = root().querySelector("#dreambooth_refresh_sources");
+    if (models && sources) {
+      listsRefreshed = true;
+      models.click();
+      sources.click();
+    }
+  }
+
+  function tick() {
+    if (!listsRefreshed) {
+      refreshLists();
+    }
+    var block = statusBlock();
+    if (!block) {
+      return;
+    }
+    var running = block.getAttribute("data-db-running") === "1";
+    var percent = parseFloat(block.getAttribute("data-db-progress") || "0") || 0;
+    setTitle(running, percent);
+    if (!running) {
+      clickedTick = null;
+      return;
+    }
+    var now = Date.now();
+    var currentTick = block.getAttribute("data-db-tick");
+    var answered = currentTick !== clickedTick;
+    if ((answered && now - lastClick >= POLL_MS) || now - lastClick >= STALE_MS) {
+      var button = refreshButton();
+      if (button) {
+        clickedTick = currentTick;
+        lastClick = now;
+        button.click();
+      }
+    }
+  }
+
+  function start() {
+    if (started) {
+      return;
+    }
+    started = true;
+    setInterval(tick, 250);
+  }
+
+  if (typeof onUiLoaded === "function") {
+    onUiLoaded(start); // inside the WebUI
+  } else if (document.readyState === "loading") {
+    document.addEventListener("DOMContentLoaded", start);
+  } else {
+    start();
+  }
+})();
