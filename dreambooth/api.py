@@ -331,7 +331,8 @@ def _spec_json(spec: Any) -> dict[str, Any]:
     default = spec.default if spec.default is not dataclasses.MISSING else None
     return {"name": spec.name, "type": getattr(spec.type, "__name__", str(spec.type)), "default": default,
             "label": spec.label, "help": spec.help, "group": spec.group, "min": spec.minimum, "max": spec.maximum,
-            "choices": list(spec.choices) if spec.choices is not None else None, "ui": spec.ui}
+            "choices": list(spec.choices) if spec.choices is not None else None, "ui": spec.ui,
+            "methods": list(spec.methods) if spec.methods is not None else None}
 
 
 def schema() -> dict[str, Any]:
@@ -441,7 +442,8 @@ def create_router(host: Any) -> APIRouter:
         resume = _field(data, "resume", bool, False)
         pid = await run_in_threadpool(lambda: jobs.start(
             md, models_root=host.models_root(), resume=resume, device=_device(host),
-            export_dir=Path(host.checkpoint_dir()), attention_default=host.attention_default()))
+            export_dir=Path(host.checkpoint_dir()), attention_default=host.attention_default(),
+            lora_dir=Path(host.lora_dir()) if hasattr(host, "lora_dir") else None))
         started = getattr(host, "training_started", None)
         if callable(started):  # e.g. the WebUI frees VRAM and mirrors progress; may block for a moment
             await run_in_threadpool(lambda: started(md, is_running=lambda: jobs.running(md),

@@ -16,6 +16,7 @@ from typing import Any
 from . import __version__
 from .errors import UserError
 from .families import FAMILY_IDS
+from .ui.app import add_ui_command, cmd_ui
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(command, help=text, description=text)
         p.add_argument("name", help="model name")
         _add_root(p)
+
+    add_ui_command(sub)
 
     p = sub.add_parser("demo", help="build a tiny model and a synthetic concept and run everything end to end",
                        description="Runs on a CPU in seconds without any download.")
@@ -175,7 +178,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"create": cmd_create, "export": cmd_export, "info": cmd_info, "train": cmd_train, "cancel": cmd_control,
-            "pause": cmd_control, "unpause": cmd_control, "status": cmd_control, "demo": cmd_demo}
+            "pause": cmd_control, "unpause": cmd_control, "status": cmd_control, "demo": cmd_demo, "ui": cmd_ui}
 
 
 def main(argv: list[str] | None = None) -> int:

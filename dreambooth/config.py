@@ -39,10 +39,14 @@ METHODS = ("dreambooth", "lora")
 
 
 def setting(default: Any, label: str, help: str, group: str, *, minimum: float | None = None,
-            maximum: float | None = None, choices: tuple[str, ...] | None = None, ui: bool = True) -> Any:
-    """A dataclass field with the metadata the UI, CLI and API are generated from."""
+            maximum: float | None = None, choices: tuple[str, ...] | None = None, ui: bool = True,
+            methods: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field with the metadata the UI, CLI and API are generated from.
+
+    ``methods``: the training methods the setting applies to (None: all); the tab hides it for the others.
+    """
     meta = {"label": label, "help": help, "group": group, "min": minimum, "max": maximum, "choices": choices,
-            "ui": ui}
+            "ui": ui, "methods": methods}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -113,16 +117,16 @@ class TrainConfig:
                           "dreambooth trains the model's own weights; lora trains a small add-on file for the WebUI's "
                           "Lora folder and leaves the model unchanged.", "method", choices=METHODS)
     lora_rank: int = setting(16, "LoRA rank (network dim)", "Size of the LoRA; larger learns more, files get bigger.",
-                             "lora", minimum=1, maximum=1024)
+                             "lora", minimum=1, maximum=1024, methods=("lora",))
     lora_alpha: float = setting(8.0, "LoRA alpha",
                                 "The LoRA's effect is scaled by alpha / rank (0 means alpha = rank).", "lora",
-                                minimum=0.0, maximum=1024.0)
+                                minimum=0.0, maximum=1024.0, methods=("lora",))
     lora_dropout: float = setting(0.0, "LoRA dropout", "Dropout on the LoRA path while training.", "lora",
-                                  minimum=0.0, maximum=1.0)
+                                  minimum=0.0, maximum=1.0, methods=("lora",))
     lora_conv_rank: int = setting(0, "LoCon rank", "Also adapt the 3x3 convolutions with this rank (0 is off).",
-                                  "lora", minimum=0, maximum=1024)
+                                  "lora", minimum=0, maximum=1024, methods=("lora",))
     lora_conv_alpha: float = setting(1.0, "LoCon alpha", "Scale of the convolution LoRA: conv alpha / conv rank.",
-                                     "lora", minimum=0.0, maximum=1024.0)
+                                     "lora", minimum=0.0, maximum=1024.0, methods=("lora",))
 
     # intervals
     epochs: int = setting(100, "Training steps per image (epochs)",
@@ -188,9 +192,10 @@ class TrainConfig:
     text_encoder_ratio: float = setting(0.0, "Text encoder step ratio",
                                         "Train the text encoder(s) for this fraction of the steps (0 = never).",
                                         "performance", minimum=0.0, maximum=1.0)
-    use_ema: bool = setting(False, "EMA", "Keep an exponential moving average of the UNet weights.", "performance")
+    use_ema: bool = setting(False, "EMA", "Keep an exponential moving average of the UNet weights.", "performance",
+                            methods=("dreambooth",))
     ema_decay: float = setting(0.9999, "EMA decay", "Weight of the old average at each step.", "performance",
-                               minimum=0.0, maximum=1.0)
+                               minimum=0.0, maximum=1.0, methods=("dreambooth",))
     seed: int = setting(1234, "Seed", "Seed for noise, timesteps and data order.", "performance",
                         minimum=0, maximum=2**32 - 1)
 
@@ -215,7 +220,8 @@ class TrainConfig:
     min_snr_gamma: float = setting(0.0, "Min-SNR gamma", "Min-SNR loss weighting; 0 is off, 5 is usual.", "loss",
                                    minimum=0.0, maximum=100.0)
     freeze_clip_normalization: bool = setting(False, "Freeze CLIP normalization layers",
-                                              "Keep the text encoder's LayerNorms fixed while it trains.", "loss")
+                                              "Keep the text encoder's LayerNorms fixed while it trains.", "loss",
+                                              methods=("dreambooth",))
     clip_skip: int = setting(1, "Clip skip", "Use the output of the N-th last text encoder layer (1 = last).",
                              "loss", minimum=1, maximum=12)
 
@@ -224,7 +230,8 @@ class TrainConfig:
                                     "Write a .safetensors the WebUI can load.", "saving")
     export_dtype: str = setting("fp16", "Checkpoint precision", "fp16 halves the file size.", "saving",
                                 choices=EXPORT_DTYPES)
-    export_ema: bool = setting(False, "Export EMA weights", "Write the EMA UNet as the checkpoint's UNet.", "saving")
+    export_ema: bool = setting(False, "Export EMA weights", "Write the EMA UNet as the checkpoint's UNet.", "saving",
+                               methods=("dreambooth",))
     keep_resume_states: int = setting(2, "Resume states to keep", "Older resume states are deleted.", "saving",
                                       minimum=1, maximum=100)
     sample_scheduler: str = setting("dpmpp_2m", "Preview scheduler", "Sampler for previews and class images.",
@@ -265,6 +272,7 @@ class FieldSpec:
     maximum: float | None
     choices: tuple[str, ...] | None
     ui: bool
+    methods: tuple[str, ...] | None = None  # the training methods it applies to; None: all
 
 
 def field_specs(cls: type = TrainConfig) -> list[FieldSpec]:
@@ -276,7 +284,7 @@ def field_specs(cls: type = TrainConfig) -> list[FieldSpec]:
             continue
         m = f.metadata
         specs.append(FieldSpec(f.name, types[f.name], f.default, m["label"], m["help"], m["group"], m["min"],
-                               m["max"], m["choices"], m["ui"]))
+                               m["max"], m["choices"], m["ui"], m.get("methods")))
     return specs
 
 

@@ -123,3 +123,27 @@ def test_setting_can_keep_the_model_in_vram(webui, tmp_path):
     adapter.WebUIHost().training_started(ModelDir(tmp_path / "m"), lambda: False, lambda: None, poll_seconds=0.01)
     time.sleep(0.1)
     assert sd_models.calls == []
+
+
+def test_tab_and_api_routes_register_with_the_webui(webui, tmp_path):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    adapter, shared, _ = webui
+    from modules import script_callbacks
+
+    for name in ("callbacks_ui_tabs", "callbacks_ui_settings", "callbacks_app_started"):
+        getattr(script_callbacks, name).clear()
+    adapter.register()
+    assert [len(script_callbacks.callbacks_ui_tabs), len(script_callbacks.callbacks_ui_settings),
+            len(script_callbacks.callbacks_app_started)] == [1, 1, 1]
+    ((blocks, title, elem_id),) = script_callbacks.callbacks_ui_tabs[0]()
+    assert (title, elem_id) == ("Dreambooth", "dreambooth") and type(blocks).__name__ == "Blocks"
+    app = FastAPI()
+    shared.cmd_opts.api_auth = "user:secret"
+    script_callbacks.callbacks_app_started[0](None, app)
+    client = TestClient(app)
+    assert client.get("/dreambooth/models").status_code == 401
+    response = client.get("/dreambooth/models", auth=("user", "secret"))
+    assert response.status_code == 200
+    shared.cmd_opts.api_auth = None

@@ -167,6 +167,31 @@ def _dropdown() -> object:
     return gr.Dropdown
 
 
+_host: WebUIHost | None = None  # one per WebUI process: its watcher threads outlive a page reload
+
+
+def host() -> WebUIHost:
+    global _host
+    if _host is None:
+        _host = WebUIHost()
+    return _host
+
+
+def on_ui_tabs() -> list[tuple[object, str, str]]:
+    from ..ui.tab import build_tab  # gradio and the UI load only when the WebUI builds its tabs
+
+    return [(build_tab(host()), "Dreambooth", "dreambooth")]
+
+
+def on_app_started(demo: object, app: object) -> None:
+    """The HTTP API under /dreambooth/ (also with --nowebui, when ``demo`` is None); honours --api-auth."""
+    from ..api import add_routes
+
+    add_routes(app, host())
+
+
 def register() -> None:
     """Register callbacks with the WebUI. Called once when the WebUI imports our scripts/ entry."""
     script_callbacks.on_ui_settings(on_ui_settings)
+    script_callbacks.on_ui_tabs(on_ui_tabs)
+    script_callbacks.on_app_started(on_app_started)
