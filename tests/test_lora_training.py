@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from dreambooth.data.images import list_images
 from dreambooth.train import loop as loop_module
 from dreambooth.train.evaluate import evaluation_loss
-from dreambooth.train.lora import LoraNetwork, LoraSettings
 from dreambooth.train.loop import RunOptions, Trainer
+from dreambooth.train.lora import LoraNetwork, LoraSettings
 from dreambooth.train.models import load_models
 
 PROMPT = "a photo of zwx disc"
