@@ -87,12 +87,17 @@ def test_api_auth_parsing(webui):
     shared.cmd_opts.api_auth = None
 
 
-def test_export_refreshes_the_checkpoint_list(webui, tmp_path):
+def test_export_refreshes_the_checkpoint_and_lora_lists(webui, tmp_path, monkeypatch):
+    import types
+
     adapter, _, sd_models = webui
+    lora_refreshes = []
+    monkeypatch.setitem(sys.modules, "networks", types.SimpleNamespace(
+        list_available_networks=lambda: lora_refreshes.append(1)))  # the WebUI's built-in Lora extension
     new = tmp_path / "models" / "Stable-diffusion" / "trained.safetensors"
     new.write_bytes(b"x")
     adapter.WebUIHost().after_export(new)
-    assert sd_models.calls == ["list_models"]
+    assert sd_models.calls == ["list_models"] and lora_refreshes == [1]
     assert any(i.filename == str(new) for i in sd_models.checkpoints_list.values())
 
 
@@ -110,9 +115,9 @@ def test_webui_model_leaves_vram_during_training_and_comes_back(webui, tmp_path)
     assert "loss 0.2500" in shared.state.textinfo
     running["value"] = False
     deadline = time.time() + 2
-    while shared.state.active and time.time() < deadline:
+    while len(sd_models.calls) < 3 and time.time() < deadline:  # the watcher ends, restores, refreshes
         time.sleep(0.02)
-    assert sd_models.calls == ["unload_model_weights", "reload_model_weights"]
+    assert sd_models.calls == ["unload_model_weights", "reload_model_weights", "list_models"]
     assert sd_models.model_data.sd_model.device == "cuda" and not shared.state.active
 
 
@@ -121,8 +126,10 @@ def test_setting_can_keep_the_model_in_vram(webui, tmp_path):
     sd_models.model_data.sd_model = sd_models.FakeModel(next(iter(sd_models.checkpoints_list.values())))
     shared.opts.data["dreambooth_free_webui_model"] = False
     adapter.WebUIHost().training_started(ModelDir(tmp_path / "m"), lambda: False, lambda: None, poll_seconds=0.01)
-    time.sleep(0.1)
-    assert sd_models.calls == []
+    deadline = time.time() + 2
+    while not sd_models.calls and time.time() < deadline:
+        time.sleep(0.02)
+    assert sd_models.calls == ["list_models"]  # no unload / reload, only the lists refreshed after the run
 
 
 def test_tab_and_api_routes_register_with_the_webui(webui, tmp_path):

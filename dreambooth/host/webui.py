@@ -9,6 +9,7 @@ shows in the WebUI's progress state, and the checkpoint list is refreshed after 
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -99,9 +100,19 @@ class WebUIHost:
         return parse_api_auth(getattr(shared.cmd_opts, "api_auth", None))
 
     def after_export(self, path: Path) -> None:
-        """Refresh the WebUI's checkpoint list so the new file can be picked at once."""
+        """Refresh the WebUI's lists so the new file can be picked at once."""
+        self.refresh_lists()
+        log.info("refreshed the WebUI's lists after exporting %s", path)
+
+    def refresh_lists(self) -> None:
+        """The checkpoint list, and the Lora list of the WebUI's built-in Lora extension when it is loaded."""
         sd_models.list_models()
-        log.info("refreshed the WebUI's checkpoint list after exporting %s", path)
+        networks = sys.modules.get("networks")  # extensions-builtin/Lora; absent when that extension is off
+        if networks is not None and hasattr(networks, "list_available_networks"):
+            try:
+                networks.list_available_networks()
+            except Exception as err:  # noqa: BLE001 - a failing refresh must not break training or export
+                log.warning("could not refresh the WebUI's Lora list: %s", err)
 
     # --- around a training run ----------------------------------------------------------------------------------
     def free_vram(self) -> bool:
@@ -142,6 +153,7 @@ class WebUIHost:
                 shared.state.end()
                 if moved:
                     self.restore_vram()
+                self.refresh_lists()  # the run's exports (checkpoints, LoRA files) appear at once
                 self._watchers.pop(model.path, None)
 
         thread = threading.Thread(target=watch, name=f"dreambooth-watch-{model.name}", daemon=True)
