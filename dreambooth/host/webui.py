@@ -75,6 +75,11 @@ class WebUIHost:
         custom = getattr(shared.cmd_opts, "lora_dir", None)
         return Path(custom) if custom else Path(paths_internal.models_path) / "Lora"
 
+    def embeddings_dir(self) -> Path:
+        """The WebUI's embeddings folder: --embeddings-dir if given, else <data dir>/embeddings."""
+        custom = getattr(shared.cmd_opts, "embeddings_dir", None)
+        return Path(custom) if custom else Path(paths_internal.data_path) / "embeddings"
+
     def checkpoints(self) -> list[str]:
         """The files of the WebUI's checkpoint list, in its order."""
         return [info.filename for info in sd_models.checkpoints_list.values()]
@@ -174,9 +179,9 @@ def on_ui_settings() -> None:
 
 
 def _dropdown() -> object:
-    import gradio as gr  # the WebUI's own gradio; only imported when the settings page is built
+    from ..ui import compat  # the WebUI's own gradio, through our one gradio-version module
 
-    return gr.Dropdown
+    return compat.gradio().Dropdown
 
 
 _host: WebUIHost | None = None  # one per WebUI process: its watcher threads outlive a page reload
