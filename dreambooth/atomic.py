@@ -2,13 +2,18 @@
 
 A crash or a full disk mid-write leaves the previous file untouched and at most a stray
 ``*.tmp-*`` file, which :func:`clean_stale_temps` removes.
+
+:func:`fault_point` is a test hook for the crash tests (``tools/fault_injection.py``); it does nothing unless
+``$DREAMBOOTH_FAULT_AT`` is set.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,6 +21,29 @@ from pathlib import Path
 from typing import Any
 
 TMP_MARK = ".tmp-"
+FAULT_ENV = "DREAMBOOTH_FAULT_AT"
+_fault_counts: dict[str, int] = {}
+
+
+def fault_point(*names: str) -> None:
+    """Test hook: with ``$DREAMBOOTH_FAULT_AT="<point>:<n>[,<point>:<n>...]"`` this process kills itself with
+    SIGKILL the n-th time it passes ``<point>`` (each name counts separately), so a crash test can cut a run off
+    at an exact moment. Without the variable (always, outside crash tests) it returns at once.
+
+    Points: ``write`` and ``write<suffix>`` (``write.safetensors``, ``write.png``, ``write.json``, ...): every
+    atomic file write, after the data is in the temporary file and before it is renamed into place; the trainer's
+    ``step`` (mid optimizer step), ``save`` (between the parts of a save), ``preview`` (a preview image made, not
+    yet written) and ``class`` (after each batch of class images).
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    wanted = {part.strip() for part in spec.split(",")}
+    for name in names:
+        count = _fault_counts[name] = _fault_counts.get(name, 0) + 1
+        if f"{name}:{count}" in wanted:
+            os.write(2, f"fault injection: killing pid {os.getpid()} at {name}:{count}\n".encode())
+            os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
 
 
 @contextmanager
@@ -28,6 +56,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        fault_point("write", f"write{target.suffix}")
         _fsync_file(tmp)
         os.replace(tmp, target)
         _fsync_dir(target.parent)
@@ -73,14 +102,27 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def clean_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
-    """Remove temporary files and folders left by a crash in ``folder`` (not recursive)."""
-    removed = []
+def temp_target(name: str) -> str | None:
+    """The name of the file a temporary entry was meant to become (``.x.json.tmp-ab12`` -> ``x.json``), or None
+    for a name that is not one of our temporary names."""
+    if not name.startswith(".") or TMP_MARK not in name:
+        return None
+    return name[1:name.rindex(TMP_MARK)]
+
+
+def clean_stale_temps(folder: str | os.PathLike[str], pattern: str | re.Pattern[str] | None = None) -> list[Path]:
+    """Remove temporary files and folders left by a crash in ``folder`` (not recursive).
+
+    ``pattern``: only those whose target name (see :func:`temp_target`) fully matches it; for folders that other
+    processes write into as well (the WebUI's model folders), so that their writes in progress are left alone.
+    """
+    removed: list[Path] = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
     for entry in folder.iterdir():
-        if entry.name.startswith(".") and TMP_MARK in entry.name:
+        target = temp_target(entry.name)
+        if target is not None and (pattern is None or re.fullmatch(pattern, target)):
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:

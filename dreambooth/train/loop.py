@@ -3,13 +3,20 @@ previews, saves and pauses at their intervals, reported through ``status.json``.
 
 ``Trainer.run`` reads as an outline; each part is a method or a module of its own. The step's loss is in
 ``step.py``.
+
+Reliability: a save checks the free disk space first and writes every file atomically, resume state first; a run
+resumed from a save that was cut off after its resume state writes the rest of that save. An out-of-memory error
+stops the run with the settings that would need less memory. ``atomic.fault_point`` calls mark the moments the
+crash tests (``tools/fault_injection.py``) cut a run off at; they do nothing outside those tests.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -17,13 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
+from ..atomic import clean_stale_temps, fault_point
 from ..config import Concept, TrainConfig, load_concepts_file, load_config, save_progress
 from ..data.dataset import Example, TrainingData
 from ..data.images import IMAGE_EXTENSIONS, list_images
 from ..data.prompts import tokenize_prompts
 from ..errors import UserError
-from ..export import export_checkpoint
+from ..export import EXPORT_DTYPES, export_checkpoint
 from ..lock import acquire
 from ..sample import (
     SampleRequest,
@@ -37,6 +46,7 @@ from ..sample import (
 from ..store import ModelDir
 from ..working import WEIGHT_NAMES, save_tensors
 from .ema import EMA
+from .embedding import EmbeddingSettings, TextualInversion, save_embedding
 from .lora import LoraNetwork, LoraSettings, lora_metadata, save_lora
 from .models import TEXT_ENCODER_NAMES, canonical_state, load_canonical, load_models, set_attention
 from .optimizers import OptimizerSettings, make_optimizer
@@ -50,6 +60,12 @@ log = logging.getLogger(__name__)
 AUTOCAST = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 NAN_HINT = ("lower the learning rate, use bf16 instead of fp16 mixed precision, or turn gradient clipping on; "
             "then resume from the last save")
+DISK_MARGIN = 1.1  # a save needs the bytes of what it writes plus this margin (headers, file system overhead)
+_OOM_TYPES = tuple({t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
+                    if t is not None})
+_OOM_TEXTS = ("out of memory", "can't allocate memory")  # CUDA / MPS / HIP, and torch's DefaultCPUAllocator
+_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                      "BOOL": 1}
 
 
 class Cancelled(Exception):
@@ -62,6 +78,7 @@ class RunOptions:
     resume: bool = False
     export_dir: Path | None = None  # where checkpoints are exported (the WebUI's Stable-diffusion folder)
     lora_dir: Path | None = None  # where LoRA files are exported (the WebUI's Lora folder)
+    embeddings_dir: Path | None = None  # where embeddings are exported (the WebUI's embeddings folder)
     attention_default: str = "sdp"  # what "auto" means here; the WebUI adapter passes the WebUI's own choice
     install_signal_handlers: bool = True
     on_progress: Callable[[dict], None] | None = None  # called with the status after each write (host progress)
@@ -121,19 +138,23 @@ class Trainer:
         self.vae_encodes = 0  # how many images went through the VAE (a cache hit adds none)
         self.base_revision = self.cfg.revision  # steps trained before this run
         self.network: LoraNetwork | None = None
+        self.embedding: TextualInversion | None = None
         self.saves: list[int] = []
         self.previews: list[int] = []
 
     # ------------------------------------------------------------------------------------------------ outline
     def run(self) -> dict:
         try:
-            self._setup()
-            self._train()
-            self._finish("done", "training complete")
-        except Cancelled:
-            if self.cfg.save_on_cancel and self.step > 0:
-                self._save()
-            self._finish("cancelled", f"cancelled at step {self.step}")
+            try:
+                self._setup()
+                self._recover_from_crash()
+                self._train()
+            except Cancelled:
+                if self.cfg.save_on_cancel and self.step > 0:
+                    self._save()  # a failing save here ends as "failed", below
+                self._finish("cancelled", f"cancelled at step {self.step}")
+            else:
+                self._finish("done", "training complete")
         except UserError as err:
             self._finish("failed", str(err))
             raise
@@ -216,6 +237,9 @@ class Trainer:
         """Decide what trains: the UNet and text encoder weights (DreamBooth) or a LoRA on top of them."""
         cfg, m = self.cfg, self.models
         train_te = self.text_encoder_steps > 0
+        if cfg.method == "textual_inversion":
+            self._setup_embedding()
+            return
         if not cfg.train_unet and not train_te:
             raise UserError("nothing to train: the UNet is off and the text encoder step ratio is 0",
                             "turn 'Train UNet' on or set a text encoder step ratio above 0")
@@ -242,6 +266,17 @@ class Trainer:
         self.unet_params = [p for p in m.unet.parameters() if p.requires_grad]
         self.te_params = [p for te in m.text_encoders for p in te.parameters() if p.requires_grad]
 
+    def _setup_embedding(self) -> None:
+        """Textual inversion: a new word whose vectors are all that trains (everything else stays frozen)."""
+        cfg = self.cfg
+        if not cfg.embedding_token:
+            raise UserError("textual inversion needs the word to train", "set 'Embedding word', e.g. zwx-style")
+        settings = EmbeddingSettings(cfg.embedding_token, cfg.embedding_vectors, cfg.embedding_init_word,
+                                     seed=cfg.seed)
+        self.embedding = TextualInversion(self.models, settings).to(self.device)
+        self.text_encoder_steps = 0  # the text encoders stay frozen; gradients reach only the new vectors
+        self.unet_params, self.te_params = self.embedding.parameters(), []
+
     def _make_optimizer(self) -> None:
         cfg, m = self.cfg, self.models
         groups = []
@@ -258,7 +293,7 @@ class Trainer:
         self.lr_scheduler = make_lr_scheduler(self.optimizer, cfg.lr_scheduler, self.total_steps,
                                               cfg.lr_warmup_steps, cfg.lr_cycles, cfg.lr_power)
         self.ema = None
-        if cfg.use_ema and cfg.train_unet and self.network is None:
+        if cfg.use_ema and cfg.train_unet and self.network is None and self.embedding is None:
             self.ema = EMA(m.unet.parameters(), cfg.ema_decay)
         elif cfg.use_ema:
             log.warning("EMA applies to full DreamBooth training of the UNet; it is off for this run")
@@ -274,14 +309,21 @@ class Trainer:
             folder = class_dir_for(self.model, index, concept)
             existing = [p for p in folder.glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS] if folder.is_dir() \
                 else []
+            clean_stale_temps(folder, r"class_\d+_\d+(_[0-9a-f]+)?\.png")  # images cut off by a crash
             if len(existing) >= needed:
                 continue
             self.status.update(force=True, state="generating_class_images",
                                message=f"generating {needed - len(existing)} class images for concept {index}")
             scheduler = make_scheduler(self.cfg.sample_scheduler, self.models.scheduler_config)
             pipe = build_pipeline(self.models.family.id, self.models.modules_for_pipeline(), scheduler)
+
+            def progress(done: int, total: int, index: int = index) -> None:
+                self.status.update(message=f"generated {done} of {total} class images for concept {index}")
+                fault_point("class")
+
             generate_class_images(pipe, concept, folder, needed, scheduler=self.cfg.sample_scheduler,
-                                  width=self.resolution, height=self.resolution, seed=self.cfg.seed)
+                                  width=self.resolution, height=self.resolution, seed=self.cfg.seed,
+                                  progress=progress)
 
     def _load_resume_state(self) -> None:
         state = latest_state(self.model.checkpoints)
@@ -290,6 +332,8 @@ class Trainer:
             return
         if self.network is not None:
             self.network.load_kohya_state_dict(state.weights["lora"])
+        elif self.embedding is not None:
+            self.embedding.load_state_dict(state.weights["embedding"])
         else:
             for component, module in self._trained_modules().items():
                 load_canonical(component, module, state.weights[component])
@@ -308,32 +352,69 @@ class Trainer:
         cfg = self.cfg
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
         rng = random.Random(cfg.seed * 1_000_003 + self.step)
-        train_te = self.step < self.text_encoder_steps
+        train_te = self.embedding is not None or self.step < self.text_encoder_steps
         if self.text_encoder_steps and self.step == self.text_encoder_steps:
             self._stop_text_encoder()
         settings = StepSettings(cfg.offset_noise, cfg.min_snr_gamma, cfg.prior_loss_weight, cfg.clip_skip,
                                 train_te, self.autocast)
         lrs = [g["lr"] for g in self.optimizer.param_groups]  # the LRs this step uses
-        for examples in group:
-            batch = self._make_batch(examples, rng)
-            loss, _ = compute_loss(self.models, batch, settings, generator)
-            loss = loss / len(group)
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
-            self.pending_losses.append((self.step + 1, self.epoch, loss.detach() * len(group), lrs))
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        if cfg.max_grad_norm > 0 and params:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        try:
+            for examples in group:
+                batch = self._make_batch(examples, rng)
+                loss, _ = compute_loss(self.models, batch, settings, generator)
+                loss = loss / len(group)
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+                self.pending_losses.append((self.step + 1, self.epoch, loss.detach() * len(group), lrs))
+            fault_point("step")  # test hook: gradients made, weights not yet updated
+            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
+            if cfg.max_grad_norm > 0 and params:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+        except RuntimeError as err:  # torch's OutOfMemoryError is a RuntimeError too
+            if not is_out_of_memory(err):
+                raise
+            self.optimizer.zero_grad(set_to_none=True)  # give the gradients' memory back before anything else
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise self._out_of_memory_error(err) from err
         self.lr_scheduler.step()
+        if self.embedding is not None:
+            self.embedding.after_step()
         self.optimizer.zero_grad(set_to_none=cfg.set_grads_to_none)
         if self.ema is not None:
             self.ema.update(self.models.unet.parameters())
+
+    def _out_of_memory_error(self, err: BaseException) -> UserError:
+        """The out-of-memory error as the user sees it: what ran out, and the settings that need less memory (only
+        those not in use already)."""
+        cfg = self.cfg
+        where = "RAM" if self.device.type == "cpu" else f"{self.device} memory"
+        tips = []
+        if cfg.train_batch_size > 1:
+            tips.append(f"a smaller batch size (now {cfg.train_batch_size}; raise gradient accumulation to keep the "
+                        "effective batch)")
+        if not cfg.gradient_checkpointing:
+            tips.append("gradient checkpointing on")
+        if cfg.optimizer != "adamw_8bit":
+            tips.append("8-bit AdamW as the optimizer (adamw_8bit)")
+        if not cfg.cache_latents:
+            tips.append("cache latents on")
+        if cfg.method == "dreambooth":
+            tips.append("LoRA instead of full training (method lora)")
+        if self.resolution > 256:
+            lower = max(256, self.resolution * 3 // 4 // 64 * 64)
+            tips.append(f"a lower resolution (now {self.resolution} px, e.g. {lower})")
+        hint = ("try " + "; ".join(tips) if tips else
+                "every memory-saving setting is on already: train on a device with more memory")
+        return UserError(f"out of {where} at step {self.step + 1} (batch {cfg.train_batch_size}, "
+                         f"{self.resolution} px); training stopped, the last save (if any) is intact",
+                         f"{hint}; then continue with --resume")
 
     def _stop_text_encoder(self) -> None:
         """The text encoder's share of the steps is over: freeze its trained parameters and drop their gradients."""
@@ -348,8 +429,8 @@ class Trainer:
         cfg = self.cfg
         flips = [cfg.hflip and rng.random() < 0.5 for _ in examples]
         latents = torch.stack([self._latent(ex, flip) for ex, flip in zip(examples, flips, strict=True)])
-        prompts = [self.data.prompt_for(ex, shuffle=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens, rng=rng)
-                   for ex in examples]
+        prompts = [self._expand(self.data.prompt_for(ex, shuffle=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
+                                                     rng=rng)) for ex in examples]
         token_ids = []
         for tokenizer in self.models.tokenizers:
             ids, warnings = tokenize_prompts(tokenizer, prompts, cfg.long_prompts)
@@ -358,6 +439,10 @@ class Trainer:
             token_ids.append(ids)
         is_class = torch.tensor([ex.is_class for ex in examples])
         return Batch(latents, token_ids, is_class, [ex.bucket for ex in examples])
+
+    def _expand(self, prompt: str) -> str:
+        """With textual inversion, the new word stands for all of its vectors."""
+        return self.embedding.prompt(prompt) if self.embedding is not None else prompt
 
     @torch.no_grad()
     def _latent(self, ex: Example, flip: bool) -> torch.Tensor:
@@ -385,6 +470,8 @@ class Trainer:
     def _trained_weights(self) -> dict[str, dict[str, torch.Tensor]]:
         if self.network is not None:
             return {"lora": {k: v.detach().cpu() for k, v in self.network.kohya_state_dict().items()}}
+        if self.embedding is not None:
+            return {"embedding": {k: v.detach().cpu() for k, v in self.embedding.state_dict().items()}}
         weights = {c: canonical_state(c, m) for c, m in self._trained_modules().items()}
         if self.ema is not None:
             with self.ema.swapped(self.models.unet.parameters()):
@@ -392,8 +479,11 @@ class Trainer:
         return weights
 
     def _save(self) -> None:
-        """A resume state, the working weights, the config's progress, and the chosen export, all atomic."""
-        cfg = self.cfg
+        """A resume state, the working weights, the config's progress, and the chosen export, all atomic.
+
+        The free disk space is checked first, and the resume state is written first: a save cut off later is
+        completed by the next resume (see :meth:`_recover_from_crash`).
+        """
         self.status.update(force=True, state="saving", message=f"saving at step {self.step}")
         weights = self._trained_weights()
         broken = next((f"{c}.{k}" for c, state in weights.items() for k, v in state.items()
@@ -401,29 +491,127 @@ class Trainer:
         if broken is not None:
             raise UserError(f"the weights are no longer finite at step {self.step} ({broken}); nothing was saved",
                             NAN_HINT)
+        self._check_disk_space(self._save_sizes(weights, with_state=True))
         trainer_state = {
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None, "rng_torch": torch.get_rng_state(),
             "base_revision": self.base_revision,
         }
-        save_state(self.model.checkpoints, self.step, trainer_state, weights, cfg.keep_resume_states)
+        save_state(self.model.checkpoints, self.step, trainer_state, weights, self.cfg.keep_resume_states)
+        fault_point("save")  # test hook: the new resume state is in place, the rest is not
+        self._save_outputs(weights)
+        self.saves.append(self.step)
+        self.status.update(force=True, state="running", message=f"saved at step {self.step}")
+
+    def _save_outputs(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        """The parts of a save after the resume state: working weights (or the LoRA files), progress, export."""
         if self.network is not None:
+            clean_stale_temps(self.model.path / "lora", re.escape(f"{self.model.name}.safetensors"))
+            if self.opts.lora_dir is not None:
+                clean_stale_temps(self.opts.lora_dir, self._export_pattern())
             self._save_lora()
-        for component, state in ({} if self.network is not None else weights).items():
+            fault_point("save")
+        if self.embedding is not None:
+            self._save_embedding()
+            fault_point("save")
+        for component, state in ({} if self.network or self.embedding else weights).items():
             folder = self.model.working / component
             if component == "unet_ema" and not folder.is_dir():
                 folder.mkdir()
                 shutil.copy2(self.model.working / "unet" / "config.json", folder / "config.json")
-            save_tensors(folder / f"{WEIGHT_NAMES[component]}.safetensors", state)
+            name = f"{WEIGHT_NAMES[component]}.safetensors"
+            clean_stale_temps(folder, re.escape(name))
+            save_tensors(folder / name, state)
+            fault_point("save")
         save_progress(self.model.path, self.base_revision + self.step, self.epoch)
-        if cfg.save_checkpoint and self.opts.export_dir is not None and self.network is None:
-            dest = self.opts.export_dir / f"{self.model.name}_{self.step}.safetensors"
-            export_checkpoint(self.model, dest, dtype=cfg.export_dtype,
-                              ema="main" if cfg.export_ema and self.ema is not None else "none")
+        fault_point("save")
+        dest = self._export_path()
+        if dest is not None:
+            clean_stale_temps(dest.parent, self._export_pattern())
+            export_checkpoint(self.model, dest, dtype=self.cfg.export_dtype,
+                              ema="main" if self.cfg.export_ema and self.ema is not None else "none")
             self.status.update(last_export=str(dest))
+
+    def _export_path(self) -> Path | None:
+        """Where this step's checkpoint export goes (full training with exports on), else None."""
+        if not self.cfg.save_checkpoint or self.opts.export_dir is None or self.network or self.embedding:
+            return None
+        return self.opts.export_dir / f"{self.model.name}_{self.step}.safetensors"
+
+    def _export_pattern(self) -> str:
+        """The names of this model's exports, for cleaning up in folders other processes write to as well."""
+        return re.escape(self.model.name) + r"_\d+\.(safetensors|yaml)"
+
+    def _recover_from_crash(self) -> None:
+        """Remove what a crashed run left half-written in the model dir; after a resume from a save that was cut off
+        after its resume state (a crash, a kill), write that save's other parts now, so working weights, progress
+        and exports are those of the resumed step."""
+        clean_stale_temps(self.model.path, r"db_config\.json|status\.json")
+        if not self.opts.resume or self.step == 0:
+            return
+        recorded, resumed = load_config(self.model.path).revision, self.base_revision + self.step
+        export = self._export_path()
+        if recorded > resumed or recorded == resumed and (export is None or export.exists()):
+            return  # that save is complete (or a later one wrote the outputs and only its resume state is lost)
+        log.warning("the save at step %d was cut off after its resume state; writing the rest of it", self.step)
+        self.status.update(force=True, state="saving", message=f"completing the save at step {self.step}")
+        weights = self._trained_weights()
+        self._check_disk_space(self._save_sizes(weights, with_state=False))
+        self._save_outputs(weights)
         self.saves.append(self.step)
         self.status.update(force=True, state="running", message=f"saved at step {self.step}")
+
+    def _save_sizes(self, weights: dict[str, dict[str, torch.Tensor]], with_state: bool) -> dict[Path, int]:
+        """Bytes a save is about to write, per folder: resume state (weights, optimizer, EMA), working weights or
+        LoRA files, export."""
+        cfg, sizes = self.cfg, {}
+        weight_bytes = _tensor_bytes(weights)
+        if with_state:
+            state_bytes = weight_bytes + _tensor_bytes(self.optimizer.state_dict())
+            sizes[self.model.checkpoints] = state_bytes + (_tensor_bytes(self.ema.state_dict()) if self.ema else 0)
+        if self.network is not None:
+            lora_bytes = sum(v.numel() * (2 if v.is_floating_point() else v.element_size())  # saved in fp16
+                             for v in weights["lora"].values())
+            sizes[self.model.path / "lora"] = lora_bytes
+            if cfg.save_checkpoint and self.opts.lora_dir is not None:
+                sizes[self.opts.lora_dir] = sizes.get(self.opts.lora_dir, 0) + lora_bytes
+        else:
+            sizes[self.model.working] = weight_bytes
+        export = self._export_path()
+        if export is not None:
+            sizes[export.parent] = sizes.get(export.parent, 0) + self._export_bytes()
+        return sizes
+
+    def _export_bytes(self) -> int:
+        """The size of a checkpoint export, from the working files' headers (no tensor is read)."""
+        target = EXPORT_DTYPES.get(self.cfg.export_dtype)
+        total = 0
+        for path in self.model.working.glob("*.safetensors"):
+            total += _safetensors_bytes(path, target)
+        for path in self.model.working.glob("*/*.safetensors"):
+            if path.parent.name != "unet_ema":  # the EMA UNet replaces the UNet in an export, never adds to it
+                total += _safetensors_bytes(path, target)
+        return total
+
+    def _check_disk_space(self, sizes: dict[Path, int]) -> None:
+        """Refuse a save the disks cannot hold, before anything of it is written."""
+        by_disk: dict[int, tuple[Path, int, list[Path]]] = {}
+        for folder, size in sizes.items():
+            existing = _existing_ancestor(folder)
+            device = os.stat(existing).st_dev
+            _, total, folders = by_disk.get(device, (existing, 0, []))
+            by_disk[device] = (existing, total + size, [*folders, folder])
+        for existing, size, folders in by_disk.values():
+            needed = int(size * DISK_MARGIN)
+            free = shutil.disk_usage(existing).free
+            if needed > free:
+                where = ", ".join(str(f) for f in folders)
+                raise UserError(f"not enough free disk space to save at step {self.step}: the save needs about "
+                                f"{_format_bytes(needed)} on the disk of {where}, and {_format_bytes(free)} is free; "
+                                "nothing of this save was written, the previous save is intact",
+                                f"free at least {_format_bytes(needed - free)} there (old exports, old resume "
+                                "states), or lower 'Resume states to keep'; then continue with --resume")
 
     def _save_lora(self) -> None:
         """The LoRA file in kohya / WebUI format: the model dir's copy, and one per save in the Lora folder."""
@@ -442,18 +630,29 @@ class Trainer:
             save_lora(dest, self.network, {**meta, "ss_output_name": dest.stem})
             self.status.update(last_export=str(dest))
 
+    def _save_embedding(self) -> None:
+        """The embedding file the WebUI loads, named after the word (the WebUI triggers it by the file name)."""
+        name = f"{self.embedding.token}.safetensors"
+        step = self.base_revision + self.step
+        save_embedding(self.model.path / "embeddings" / name, self.embedding, step, self.cfg.family)
+        if self.cfg.save_checkpoint and self.opts.embeddings_dir is not None:
+            save_embedding(self.opts.embeddings_dir / name, self.embedding, step, self.cfg.family)
+            self.status.update(last_export=str(self.opts.embeddings_dir / name))
+
     def _preview(self) -> None:
         cfg, m = self.cfg, self.models
         scheduler = make_scheduler(cfg.sample_scheduler, m.scheduler_config)
         pipe = build_pipeline(m.family.id, m.modules_for_pipeline(), scheduler)
+        clean_stale_temps(self.model.samples, r"step\d+_c\d+_\d+\.png")  # previews cut off by a crash
         written = []
         for index, concept in enumerate(self.concepts):
             for n, prompt in enumerate(sample_prompts(concept, concept.instance_prompt)):
                 seed = concept.sample_seed if concept.sample_seed >= 0 else random.randrange(2**32)
-                req = SampleRequest(prompt, concept.sample_negative_prompt, seed + n, concept.sample_steps,
-                                    concept.sample_guidance_scale, self.resolution, self.resolution,
-                                    cfg.sample_scheduler)
+                req = SampleRequest(self._expand(prompt), concept.sample_negative_prompt, seed + n,
+                                    concept.sample_steps, concept.sample_guidance_scale, self.resolution,
+                                    self.resolution, cfg.sample_scheduler)
                 image = generate(pipe, req, self.device)
+                fault_point("preview")  # test hook: an image made, not yet written
                 stem = f"step{self.step:06d}_c{index}_{n}"
                 written.append(save_sample(image, self.model.samples, stem, req,
                                            {"step": str(self.step), "epoch": str(self.epoch),
@@ -509,6 +708,50 @@ class Trainer:
     def _finish(self, state: str, message: str) -> None:
         self.status.update(force=True, state=state, message=message, step=self.step, epoch=self.epoch)
         log.info("%s: %s", state, message)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` says a device (or the CPU allocator) ran out of memory."""
+    return isinstance(err, _OOM_TYPES) or any(text in str(err) for text in _OOM_TEXTS)
+
+
+def _tensor_bytes(obj: object) -> int:
+    """The bytes of every tensor in a nest of dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _safetensors_bytes(path: Path, cast: torch.dtype | None) -> int:
+    """The data size of a safetensors file with its floating tensors cast to ``cast`` (None: as they are)."""
+    total = 0
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            part = f.get_slice(key)
+            dtype = part.get_dtype()
+            size = _SAFETENSORS_BYTES.get(dtype, 4)
+            if cast is not None and dtype.startswith(("F", "BF")):
+                size = cast.itemsize
+            total += math.prod(part.get_shape()) * size
+    return total
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = Path(path).absolute()
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _format_bytes(n: int) -> str:
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def train_model(model: ModelDir, options: RunOptions | None = None) -> dict:
