@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device, e.g. cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--export-dir", help="where checkpoints are exported at each save")
     p.add_argument("--lora-dir", help="where LoRA files are exported at each save (default: <models root>/Lora)")
+    p.add_argument("--embeddings-dir",
+                   help="where embeddings are exported at each save (default: <models root>/embeddings)")
     p.add_argument("--attention-default", choices=("default", "sdp", "xformers"), default="sdp",
                    help="what the config's attention 'auto' means (the WebUI passes its own choice)")
     _add_root(p)
@@ -149,9 +151,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     md = open_model(args.name, args.models_root)
     export_dir = Path(args.export_dir) if args.export_dir else models_root(args.models_root) / "Stable-diffusion"
-    lora_dir = Path(args.lora_dir) if args.lora_dir else models_root(args.models_root) / "Lora"
+    root = models_root(args.models_root)
+    lora_dir = Path(args.lora_dir) if args.lora_dir else root / "Lora"
+    embeddings_dir = Path(args.embeddings_dir) if args.embeddings_dir else root / "embeddings"
     status = train_model(md, RunOptions(device=args.device, resume=args.resume, export_dir=export_dir,
-                                        lora_dir=lora_dir, attention_default=args.attention_default))
+                                        lora_dir=lora_dir, embeddings_dir=embeddings_dir,
+                                        attention_default=args.attention_default))
     print(f"{status['state']}: {status.get('message', '')} (step {status.get('step')})")
     return 0 if status["state"] in ("done", "cancelled") else 1
 

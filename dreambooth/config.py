@@ -35,7 +35,7 @@ ATTENTION = ("auto", "default", "xformers", "sdp")
 SAMPLE_SCHEDULERS = ("ddim", "pndm", "lms", "euler", "euler_a", "dpmpp_2m", "unipc")
 LONG_PROMPTS = ("truncate", "chunk")
 EXPORT_DTYPES = ("fp16", "fp32", "bf16")
-METHODS = ("dreambooth", "lora")
+METHODS = ("dreambooth", "lora", "textual_inversion")
 
 
 def setting(default: Any, label: str, help: str, group: str, *, minimum: float | None = None,
@@ -115,7 +115,17 @@ class TrainConfig:
 
     method: str = setting("dreambooth", "Training method",
                           "dreambooth trains the model's own weights; lora trains a small add-on file for the WebUI's "
-                          "Lora folder and leaves the model unchanged.", "method", choices=METHODS)
+                          "Lora folder; textual_inversion trains a new word (an embedding file). LoRA and textual "
+                          "inversion leave the model unchanged.", "method", choices=METHODS)
+    embedding_token: str = setting("", "Embedding word",
+                                   "The new word to train, e.g. 'zwx-style' (lower case, no spaces); the embedding "
+                                   "file gets this name and the WebUI triggers it by that name.", "embedding",
+                                   methods=("textual_inversion",))
+    embedding_vectors: int = setting(1, "Vectors per token", "More vectors hold more detail and use more of the "
+                                     "75-token prompt.", "embedding", minimum=1, maximum=75,
+                                     methods=("textual_inversion",))
+    embedding_init_word: str = setting("*", "Initialization text", "Start from this word's embedding ('*' or empty: "
+                                       "small random values).", "embedding", methods=("textual_inversion",))
     lora_rank: int = setting(16, "LoRA rank (network dim)", "Size of the LoRA; larger learns more, files get bigger.",
                              "lora", minimum=1, maximum=1024, methods=("lora",))
     lora_alpha: float = setting(8.0, "LoRA alpha",

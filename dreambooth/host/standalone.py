@@ -81,6 +81,9 @@ class StandaloneHost:
     def lora_dir(self) -> Path:
         return lora_dir(self.root)
 
+    def embeddings_dir(self) -> Path:
+        return models_root(self.root) / "embeddings"
+
     def loaded_checkpoint(self) -> str | None:
         return loaded_checkpoint()
 

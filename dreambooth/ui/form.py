@@ -23,6 +23,7 @@ SLIDER_SPAN = 1000  # ints whose whole range is at most this wide get a slider; 
 SETTING_GROUPS = {
     "method": "Training method",
     "lora": "LoRA",
+    "embedding": "Textual inversion",
     "intervals": "Intervals",
     "batching": "Batching",
     "learning_rate": "Learning rate and optimizer",
