@@ -132,6 +132,7 @@ class TrialResult:
     problems: list[str] = field(default_factory=list)  # anything else: stray temporaries, missing files, state
     temps_after_kills: int = 0
     final_step: int | None = None
+    matches_reference: bool | None = None  # None: not compared
     seconds: float = 0.0
 
     @property
@@ -452,6 +453,7 @@ def run_trial(plan: Plan, work: Path, source: Path, references: dict | None = No
     result.problems += [f"stray temporary {p}" for p in temps] + check_final(md, root, plan)
     if references is not None and not result.problems and not result.corrupted:
         difference = compare(trained_weights(md, plan), reference_weights(plan, work, source, references))
+        result.matches_reference = difference is None
         if difference:
             result.problems.append(difference)
     result.seconds = time.monotonic() - started
@@ -502,6 +504,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"kills: {kills} ({', '.join(f'{k} {v}' for k, v in hit.items())}); files checked: "
           f"{sum(r.files_checked for r in results)}; temporaries left by the kills: "
           f"{sum(r.temps_after_kills for r in results)}, left after the resumes: {stray}")
+    if references is not None:
+        matched = sum(r.matches_reference is True for r in results)
+        print(f"trained weights equal to an uninterrupted run's (rtol 1e-4): {matched}/{len(results)}")
     print(f"{complete}/{len(results)} resumed and complete, {corrupted} corrupted files "
           f"({time.monotonic() - started:.0f} s)")
     return 0 if complete == len(results) and corrupted == 0 else 1

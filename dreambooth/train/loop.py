@@ -513,6 +513,10 @@ class Trainer:
             self._save_lora()
             fault_point("save")
         if self.embedding is not None:
+            name = re.escape(f"{self.embedding.token}.safetensors")
+            for folder in (self.model.path / "embeddings", self.opts.embeddings_dir):
+                if folder is not None:
+                    clean_stale_temps(folder, name)
             self._save_embedding()
             fault_point("save")
         for component, state in ({} if self.network or self.embedding else weights).items():
@@ -576,6 +580,10 @@ class Trainer:
             sizes[self.model.path / "lora"] = lora_bytes
             if cfg.save_checkpoint and self.opts.lora_dir is not None:
                 sizes[self.opts.lora_dir] = sizes.get(self.opts.lora_dir, 0) + lora_bytes
+        elif self.embedding is not None:
+            sizes[self.model.path / "embeddings"] = weight_bytes
+            if cfg.save_checkpoint and self.opts.embeddings_dir is not None:
+                sizes[self.opts.embeddings_dir] = sizes.get(self.opts.embeddings_dir, 0) + weight_bytes
         else:
             sizes[self.model.working] = weight_bytes
         export = self._export_path()
