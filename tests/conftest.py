@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,22 @@ def make_training_model(root: Path, source: Path, name: str = "m", images: int =
         setattr(cfg, key, value)
     cfg.save(md.path)
     return md
+
+
+@contextmanager
+def cancelled_at(step: int):
+    """Within this block a training run is cancelled at ``step`` (as if the user pressed Cancel then)."""
+    from dreambooth.train import loop
+
+    original = loop.Trainer._check_controls
+
+    def check(self):
+        if self.step == step:
+            raise loop.Cancelled()
+        original(self)
+
+    loop.Trainer._check_controls = check
+    try:
+        yield
+    finally:
+        loop.Trainer._check_controls = original

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_training_model
+from conftest import cancelled_at, make_training_model
 from safetensors.torch import load_file
 
 from dreambooth.errors import UserError
@@ -52,22 +52,14 @@ def test_a_missing_word_is_a_clear_error(tmp_path, tiny_checkpoint):
         _run(md, tmp_path)
 
 
-def test_embedding_resume_continues_the_same_run(tmp_path, tiny_checkpoint, monkeypatch):
+def test_embedding_resume_continues_the_same_run(tmp_path, tiny_checkpoint):
     settings = dict(method="textual_inversion", embedding_token="zwx-style", learning_rate=5e-3, epochs=2,
                     save_every_n_epochs=1, concept=CONCEPT)
     reference = make_training_model(tmp_path / "ref", tiny_checkpoint("sd1"), **settings)
     _run(reference, tmp_path / "ref")
     md = make_training_model(tmp_path / "run", tiny_checkpoint("sd1"), save_on_cancel=True, **settings)
-    original = Trainer._check_controls
-
-    def cancel_at_three(self):
-        if self.step == 3:
-            raise loop_module.Cancelled()
-        original(self)
-
-    monkeypatch.setattr(Trainer, "_check_controls", cancel_at_three)
-    _run(md, tmp_path / "run")
-    monkeypatch.setattr(Trainer, "_check_controls", original)
+    with cancelled_at(3):
+        _run(md, tmp_path / "run")
     assert _run(md, tmp_path / "run", resume=True).step == 8
     a = load_file(str(reference.path / "embeddings" / "zwx-style.safetensors"))["emb_params"]
     b = load_file(str(md.path / "embeddings" / "zwx-style.safetensors"))["emb_params"]

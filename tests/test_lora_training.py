@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_training_model
+from conftest import cancelled_at, make_training_model
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -63,21 +63,13 @@ def test_lora_learns_and_leaves_the_base_model_unchanged(tmp_path, tiny_checkpoi
     assert evaluation_loss(models, images, PROMPT, 64) == pytest.approx(base_loss, rel=1e-5)
 
 
-def test_lora_resume_continues_the_same_run(tmp_path, tiny_checkpoint, monkeypatch):
+def test_lora_resume_continues_the_same_run(tmp_path, tiny_checkpoint):
     settings = dict(method="lora", lora_rank=4, learning_rate=1e-2, epochs=2, save_every_n_epochs=1)
     reference = make_training_model(tmp_path / "ref", tiny_checkpoint("sd1"), **settings)
     _run(reference, tmp_path / "ref")
     md = make_training_model(tmp_path / "run", tiny_checkpoint("sd1"), save_on_cancel=True, **settings)
-    original = Trainer._check_controls
-
-    def cancel_at_three(self):
-        if self.step == 3:
-            raise loop_module.Cancelled()
-        original(self)
-
-    monkeypatch.setattr(Trainer, "_check_controls", cancel_at_three)
-    _run(md, tmp_path / "run")
-    monkeypatch.setattr(Trainer, "_check_controls", original)
+    with cancelled_at(3):
+        _run(md, tmp_path / "run")
     trainer = _run(md, tmp_path / "run", resume=True)
     assert trainer.step == 8
     a = load_file(str(reference.path / "lora" / "m.safetensors"))
