@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from . import __version__, assets_api
-from .atomic import write_text
 from .config import TrainConfig, load_config
 from .errors import UserError
 from .families import SD1, SD2, SD2V, get_family
@@ -102,8 +101,6 @@ def export_checkpoint(model: ModelDir, dest: str | os.PathLike[str], *, dtype: s
     metadata = build_metadata(cfg, trained)
     metadata[CONFIGS_METADATA_KEY] = json.dumps(read_configs(model.working, get_family(cfg.family).components))
     save_tensors(dest, state, metadata)
-    yaml_text = assets_api.ldm_yaml_text(cfg.family)
-    if yaml_text is not None:
-        write_text(dest.with_suffix(".yaml"), yaml_text)
+    assets_api.write_ldm_yaml(cfg.family, dest)
     log.info("exported %s (%d tensors, %s)", dest, len(state), dtype)
     return dest

@@ -137,6 +137,5 @@ def write_tiny_checkpoint(path: str | Path, family: str, seed: int = 0, with_ema
         torch.save({"state_dict": state}, path)
     else:
         save_tensors(path, state, {CONFIGS_METADATA_KEY: json.dumps(tiny_configs(family))})
-    if family == SD2V:
-        path.with_suffix(".yaml").write_text(assets_api.ldm_yaml_text(SD2V) or "", encoding="utf-8")
+    assets_api.write_ldm_yaml(family, path)
     return path
