@@ -66,7 +66,7 @@ def write_working(dest: Path, family: str, components: Mapping[str, Mapping[str,
     for name in fam.tokenizers:
         assets_api.write_tokenizer(family, name, dest / name)
     assets_api.write_component_config(family, "scheduler", dest / "scheduler")
-    write_json(dest / "model_index.json", assets_api.model_index(family))
+    assets_api.write_model_index(family, dest)
     save_tensors(dest / EXTRAS_FILE, extras)
 
 

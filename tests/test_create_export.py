@@ -126,6 +126,8 @@ def test_working_dir_loads_in_diffusers_and_transformers(tmp_path, tiny_checkpoi
     loaded = normalize_diffusers_keys("text_encoder", te.state_dict())  # transformers 5 drops "text_model."
     assert torch.equal(loaded["text_model.embeddings.token_embedding.weight"],
                        sd["text_model.embeddings.token_embedding.weight"])
+    index = json.loads((w / "model_index.json").read_text())
+    assert index["_diffusers_version"] and index["_class_name"].startswith("StableDiffusion")  # as save_pretrained
     tok = CLIPTokenizer.from_pretrained(w / "tokenizer")
     assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     if family == "sdxl":
