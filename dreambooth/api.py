@@ -444,7 +444,8 @@ def create_router(host: Any) -> APIRouter:
             md, models_root=host.models_root(), resume=resume, device=_device(host),
             export_dir=Path(host.checkpoint_dir()), attention_default=host.attention_default(),
             lora_dir=Path(host.lora_dir()) if hasattr(host, "lora_dir") else None,
-            embeddings_dir=Path(host.embeddings_dir()) if hasattr(host, "embeddings_dir") else None))
+            embeddings_dir=Path(host.embeddings_dir()) if hasattr(host, "embeddings_dir") else None,
+            hypernetworks_dir=Path(host.hypernetworks_dir()) if hasattr(host, "hypernetworks_dir") else None))
         started = getattr(host, "training_started", None)
         if callable(started):  # e.g. the WebUI frees VRAM and mirrors progress; may block for a moment
             await run_in_threadpool(lambda: started(md, is_running=lambda: jobs.running(md),

@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-dir", help="where LoRA files are exported at each save (default: <models root>/Lora)")
     p.add_argument("--embeddings-dir",
                    help="where embeddings are exported at each save (default: <models root>/embeddings)")
+    p.add_argument("--hypernetworks-dir",
+                   help="where hypernetworks are exported at each save (default: <models root>/hypernetworks)")
     p.add_argument("--attention-default", choices=("default", "sdp", "xformers"), default="sdp",
                    help="what the config's attention 'auto' means (the WebUI passes its own choice)")
     _add_root(p)
@@ -154,8 +156,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     root = models_root(args.models_root)
     lora_dir = Path(args.lora_dir) if args.lora_dir else root / "Lora"
     embeddings_dir = Path(args.embeddings_dir) if args.embeddings_dir else root / "embeddings"
+    hypernetworks_dir = Path(args.hypernetworks_dir) if args.hypernetworks_dir else root / "hypernetworks"
     status = train_model(md, RunOptions(device=args.device, resume=args.resume, export_dir=export_dir,
                                         lora_dir=lora_dir, embeddings_dir=embeddings_dir,
+                                        hypernetworks_dir=hypernetworks_dir,
                                         attention_default=args.attention_default))
     print(f"{status['state']}: {status.get('message', '')} (step {status.get('step')})")
     return 0 if status["state"] in ("done", "cancelled") else 1

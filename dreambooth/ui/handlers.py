@@ -213,7 +213,9 @@ class TabHandlers:
         jobs.start(md, models_root=self.host.models_root(), resume=bool(resume), device=self.device(),
                    export_dir=self.host.checkpoint_dir(), attention_default=self.host.attention_default(),
                    lora_dir=self.host.lora_dir() if hasattr(self.host, "lora_dir") else None,
-                   embeddings_dir=self.host.embeddings_dir() if hasattr(self.host, "embeddings_dir") else None)
+                   embeddings_dir=self.host.embeddings_dir() if hasattr(self.host, "embeddings_dir") else None,
+                   hypernetworks_dir=self.host.hypernetworks_dir() if hasattr(self.host, "hypernetworks_dir")
+                   else None)
         started = getattr(self.host, "training_started", None)
         if callable(started):  # e.g. the WebUI frees VRAM and mirrors the progress into its own progress bar
             started(md, is_running=lambda: jobs.running(md), read_status=lambda: jobs.status(md))

@@ -58,6 +58,7 @@ class State:
 
 cmd_opts = argparse.Namespace(xformers=False, opt_sdp_attention=False, opt_sdp_no_mem_attention=False, medvram=False,
                               lowvram=False, api_auth=None, ckpt_dir=None, lora_dir=None, embeddings_dir=None,
+                              hypernetwork_dir=None,
                               data_dir=None, nowebui=False)
 opts = Options()
 state = State()
