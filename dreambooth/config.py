@@ -142,6 +142,11 @@ class TrainConfig:
                                   "lora", minimum=0, maximum=1024, methods=("lora",))
     lora_conv_alpha: float = setting(1.0, "LoCon alpha", "Scale of the convolution LoRA: conv alpha / conv rank.",
                                      "lora", minimum=0.0, maximum=1024.0, methods=("lora",))
+    lora_merge_export: bool = setting(False, "Also export a merged checkpoint",
+                                      "At each save, also write a full checkpoint with the LoRA merged into the "
+                                      "model's weights to the checkpoint folder (needs 'Export a checkpoint at each "
+                                      "save'; in 'Checkpoint precision'). The model itself stays unchanged.", "lora",
+                                      methods=("lora",))
 
     hypernetwork_layer_structure: str = setting("1, 2, 1", "Hypernetwork layer structure",
                                                 "Layer widths as multiples of the context width, starting and ending "

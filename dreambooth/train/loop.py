@@ -49,6 +49,7 @@ from .ema import EMA
 from .embedding import EmbeddingSettings, TextualInversion, save_embedding
 from .hypernetwork import Hypernetwork, HypernetworkSettings, save_hypernetwork
 from .lora import LoraNetwork, LoraSettings, lora_metadata, save_lora
+from .lora_merge import merged_components
 from .models import TEXT_ENCODER_NAMES, canonical_state, load_canonical, load_models, set_attention
 from .optimizers import OptimizerSettings, make_optimizer
 from .resume import latest_state, save_state
@@ -570,13 +571,18 @@ class Trainer:
         dest = self._export_path()
         if dest is not None:
             clean_stale_temps(dest.parent, self._export_pattern())
+            merged = merged_components(self.models, self.network) if self.network is not None else None
             export_checkpoint(self.model, dest, dtype=self.cfg.export_dtype,
-                              ema="main" if self.cfg.export_ema and self.ema is not None else "none")
+                              ema="main" if self.cfg.export_ema and self.ema is not None else "none",
+                              trained="lora (merged)" if merged is not None else "dreambooth", replace=merged)
             self.status.update(last_export=str(dest))
 
     def _export_path(self) -> Path | None:
-        """Where this step's checkpoint export goes (full training with exports on), else None."""
-        if not self.cfg.save_checkpoint or self.opts.export_dir is None or self._addon is not None:
+        """Where this step's checkpoint export goes (full training, or LoRA merged into it, with exports on), else
+        None."""
+        if not self.cfg.save_checkpoint or self.opts.export_dir is None:
+            return None
+        if self._addon is not None and not (self.network is not None and self.cfg.lora_merge_export):
             return None
         return self.opts.export_dir / f"{self.model.name}_{self.step}.safetensors"
 
