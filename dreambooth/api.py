@@ -435,6 +435,27 @@ def create_router(host: Any) -> APIRouter:
         await run_in_threadpool(cfg.save, md.path)
         return JSONResponse({"config": cfg.to_dict(), "notes": notes})
 
+    @router.post("/models/{name}/import-kohya")
+    async def import_kohya_dataset(name: str, request: Request) -> Response:
+        """{"toml": FILE} or {"folder": DIR, "reg_folder": DIR}: the model's concepts from a kohya dataset."""
+        from .kohya_import import import_kohya
+
+        md = _open(host, name)
+        data = await _json_object(request, ("toml", "folder", "reg_folder"))
+        toml, folder = _field(data, "toml", str), _field(data, "folder", str)
+        if bool(toml) == bool(folder):
+            raise ApiError(400, "give either \"toml\" (a dataset .toml) or \"folder\" (<repeats>_<name> folders)",
+                           "send one of the two keys")
+        reg = _field(data, "reg_folder", str)
+        if reg and not folder:
+            raise ApiError(400, "reg_folder goes with folder", "put the reg subsets (is_reg = true) into the TOML")
+        if jobs.running(md):
+            raise ApiError(409, f"{name!r} is training; its concepts cannot change now",
+                           "wait for the training to end, or cancel it")
+        result = await run_in_threadpool(import_kohya, md, toml or folder, reg)
+        return JSONResponse({**result.to_dict(), "message": result.summary(),
+                             "config": load_config(md.path).to_dict()})
+
     @router.post("/models/{name}/train")
     async def train(name: str, request: Request) -> Response:
         md = _open(host, name)
