@@ -343,7 +343,7 @@ def test_train_saves_the_form_and_starts_a_worker_without_waiting(model, monkeyp
     assert started.path == md.path
     assert kwargs == {"models_root": host.models_root(), "resume": True, "device": "cpu",
                       "export_dir": host.checkpoint_dir(), "attention_default": "sdp", "lora_dir": host.lora_dir(),
-                      "embeddings_dir": host.embeddings_dir()}
+                      "embeddings_dir": host.embeddings_dir(), "hypernetworks_dir": host.hypernetworks_dir()}
     told = []
     object.__setattr__(host, "training_started", lambda m, **kw: told.append((m.name, sorted(kw))))
     handlers.train("m", False, *values)
