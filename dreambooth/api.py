@@ -435,6 +435,27 @@ def create_router(host: Any) -> APIRouter:
         await run_in_threadpool(cfg.save, md.path)
         return JSONResponse({"config": cfg.to_dict(), "notes": notes})
 
+    @router.post("/models/{name}/import-kohya")
+    async def import_kohya_dataset(name: str, request: Request) -> Response:
+        """{"toml": FILE} or {"folder": DIR, "reg_folder": DIR}: the model's concepts from a kohya dataset."""
+        from .kohya_import import import_kohya
+
+        md = _open(host, name)
+        data = await _json_object(request, ("toml", "folder", "reg_folder"))
+        toml, folder = _field(data, "toml", str), _field(data, "folder", str)
+        if bool(toml) == bool(folder):
+            raise ApiError(400, "give either \"toml\" (a dataset .toml) or \"folder\" (<repeats>_<name> folders)",
+                           "send one of the two keys")
+        reg = _field(data, "reg_folder", str)
+        if reg and not folder:
+            raise ApiError(400, "reg_folder goes with folder", "put the reg subsets (is_reg = true) into the TOML")
+        if jobs.running(md):
+            raise ApiError(409, f"{name!r} is training; its concepts cannot change now",
+                           "wait for the training to end, or cancel it")
+        result = await run_in_threadpool(import_kohya, md, toml or folder, reg)
+        return JSONResponse({**result.to_dict(), "message": result.summary(),
+                             "config": load_config(md.path).to_dict()})
+
     @router.post("/models/{name}/train")
     async def train(name: str, request: Request) -> Response:
         md = _open(host, name)
@@ -444,7 +465,8 @@ def create_router(host: Any) -> APIRouter:
             md, models_root=host.models_root(), resume=resume, device=_device(host),
             export_dir=Path(host.checkpoint_dir()), attention_default=host.attention_default(),
             lora_dir=Path(host.lora_dir()) if hasattr(host, "lora_dir") else None,
-            embeddings_dir=Path(host.embeddings_dir()) if hasattr(host, "embeddings_dir") else None))
+            embeddings_dir=Path(host.embeddings_dir()) if hasattr(host, "embeddings_dir") else None,
+            hypernetworks_dir=Path(host.hypernetworks_dir()) if hasattr(host, "hypernetworks_dir") else None))
         started = getattr(host, "training_started", None)
         if callable(started):  # e.g. the WebUI frees VRAM and mirrors progress; may block for a moment
             await run_in_threadpool(lambda: started(md, is_running=lambda: jobs.running(md),

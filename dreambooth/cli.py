@@ -75,8 +75,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-dir", help="where LoRA files are exported at each save (default: <models root>/Lora)")
     p.add_argument("--embeddings-dir",
                    help="where embeddings are exported at each save (default: <models root>/embeddings)")
+    p.add_argument("--hypernetworks-dir",
+                   help="where hypernetworks are exported at each save (default: <models root>/hypernetworks)")
     p.add_argument("--attention-default", choices=("default", "sdp", "xformers"), default="sdp",
                    help="what the config's attention 'auto' means (the WebUI passes its own choice)")
+    _add_root(p)
+
+    p = sub.add_parser("import-kohya", help="fill a model's concepts from a kohya dataset (TOML or folders)",
+                       description="Replace the model's concepts with a kohya sd-scripts dataset: a dataset .toml "
+                                   "([general], [[datasets]], [[datasets.subsets]]) or a folder of "
+                                   "<repeats>_<name> folders; the settings it sets (resolution, buckets, batch "
+                                   "size, ...) are applied too. Prints what was imported and the total steps.")
+    p.add_argument("name", help="model name")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--toml", metavar="FILE", help="kohya dataset config (.toml)")
+    source.add_argument("--folder", metavar="DIR", help="folder of <repeats>_<name> folders (kohya's train_data_dir)")
+    p.add_argument("--reg-folder", metavar="DIR",
+                   help="with --folder: folder of <repeats>_<class> folders of class images (kohya's reg_data_dir)")
     _add_root(p)
 
     for command, text in (("cancel", "ask a running training to stop at the next step (it saves if set to)"),
@@ -154,11 +169,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     root = models_root(args.models_root)
     lora_dir = Path(args.lora_dir) if args.lora_dir else root / "Lora"
     embeddings_dir = Path(args.embeddings_dir) if args.embeddings_dir else root / "embeddings"
+    hypernetworks_dir = Path(args.hypernetworks_dir) if args.hypernetworks_dir else root / "hypernetworks"
     status = train_model(md, RunOptions(device=args.device, resume=args.resume, export_dir=export_dir,
                                         lora_dir=lora_dir, embeddings_dir=embeddings_dir,
+                                        hypernetworks_dir=hypernetworks_dir,
                                         attention_default=args.attention_default))
     print(f"{status['state']}: {status.get('message', '')} (step {status.get('step')})")
     return 0 if status["state"] in ("done", "cancelled") else 1
+
+
+def cmd_import_kohya(args: argparse.Namespace) -> int:
+    from .kohya_import import import_kohya
+    from .store import open_model
+
+    if args.reg_folder and not args.folder:
+        raise UserError("--reg-folder goes with --folder", "put the reg subsets (is_reg = true) into the TOML")
+    result = import_kohya(open_model(args.name, args.models_root), args.toml or args.folder, args.reg_folder)
+    for note in result.notes:
+        print(f"note: {note}")
+    print(result.summary())
+    return 0
 
 
 def cmd_control(args: argparse.Namespace) -> int:
@@ -183,7 +213,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"create": cmd_create, "export": cmd_export, "info": cmd_info, "train": cmd_train, "cancel": cmd_control,
-            "pause": cmd_control, "unpause": cmd_control, "status": cmd_control, "demo": cmd_demo, "ui": cmd_ui}
+            "pause": cmd_control, "unpause": cmd_control, "status": cmd_control, "demo": cmd_demo, "ui": cmd_ui,
+            "import-kohya": cmd_import_kohya}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,11 @@ ATTENTION = ("auto", "default", "xformers", "sdp")
 SAMPLE_SCHEDULERS = ("ddim", "pndm", "lms", "euler", "euler_a", "dpmpp_2m", "unipc")
 LONG_PROMPTS = ("truncate", "chunk")
 EXPORT_DTYPES = ("fp16", "fp32", "bf16")
-METHODS = ("dreambooth", "lora", "textual_inversion")
+METHODS = ("dreambooth", "lora", "textual_inversion", "hypernetwork")
+# the WebUI's hypernetwork activations that need no arguments (train/hypernetwork.py builds them; a test checks)
+HYPERNETWORK_ACTIVATIONS = ("linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "gelu", "silu", "mish",
+                            "softplus", "selu", "celu", "relu6", "hardswish", "hardtanh", "hardsigmoid", "softsign",
+                            "tanhshrink", "logsigmoid")
 
 
 def setting(default: Any, label: str, help: str, group: str, *, minimum: float | None = None,
@@ -115,8 +119,9 @@ class TrainConfig:
 
     method: str = setting("dreambooth", "Training method",
                           "dreambooth trains the model's own weights; lora trains a small add-on file for the WebUI's "
-                          "Lora folder; textual_inversion trains a new word (an embedding file). LoRA and textual "
-                          "inversion leave the model unchanged.", "method", choices=METHODS)
+                          "Lora folder; textual_inversion trains a new word (an embedding file); hypernetwork trains a "
+                          "WebUI hypernetwork (legacy). All but dreambooth leave the model unchanged.", "method",
+                          choices=METHODS)
     embedding_token: str = setting("", "Embedding word",
                                    "The new word to train, e.g. 'zwx-style' (lower case, no spaces); the embedding "
                                    "file gets this name and the WebUI triggers it by that name.", "embedding",
@@ -137,6 +142,26 @@ class TrainConfig:
                                   "lora", minimum=0, maximum=1024, methods=("lora",))
     lora_conv_alpha: float = setting(1.0, "LoCon alpha", "Scale of the convolution LoRA: conv alpha / conv rank.",
                                      "lora", minimum=0.0, maximum=1024.0, methods=("lora",))
+    lora_merge_export: bool = setting(False, "Also export a merged checkpoint",
+                                      "At each save, also write a full checkpoint with the LoRA merged into the "
+                                      "model's weights to the checkpoint folder (needs 'Export a checkpoint at each "
+                                      "save'; in 'Checkpoint precision'). The model itself stays unchanged.", "lora",
+                                      methods=("lora",))
+
+    hypernetwork_layer_structure: str = setting("1, 2, 1", "Hypernetwork layer structure",
+                                                "Layer widths as multiples of the context width, starting and ending "
+                                                "with 1 (the WebUI's format), e.g. 1, 2, 1 or 1, 1.5, 1.5, 1.",
+                                                "hypernetwork", methods=("hypernetwork",))
+    hypernetwork_activation: str = setting("linear", "Hypernetwork activation",
+                                           "Activation between the layers (linear: none). The WebUI's 'swish' is "
+                                           "hard swish.", "hypernetwork", choices=HYPERNETWORK_ACTIVATIONS,
+                                           methods=("hypernetwork",))
+    hypernetwork_layer_norm: bool = setting(False, "Hypernetwork layer norm", "A LayerNorm after each layer.",
+                                            "hypernetwork", methods=("hypernetwork",))
+    hypernetwork_dropout: float = setting(0.0, "Hypernetwork dropout",
+                                          "Dropout after each hidden layer while training (0 is off; 0.3 is the "
+                                          "WebUI's value).", "hypernetwork", minimum=0.0, maximum=0.95,
+                                          methods=("hypernetwork",))
 
     # intervals
     epochs: int = setting(100, "Training steps per image (epochs)",

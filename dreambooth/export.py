@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -63,14 +64,22 @@ def build_metadata(cfg: TrainConfig, trained: str) -> dict[str, str]:
     }
 
 
-def export_state_dict(model: ModelDir, cfg: TrainConfig, dtype: str = "fp16", ema: str = "none"
-                      ) -> dict[str, torch.Tensor]:
-    """The single-file state dict of ``model``'s working weights."""
+def export_state_dict(model: ModelDir, cfg: TrainConfig, dtype: str = "fp16", ema: str = "none",
+                      replace: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+    """The single-file state dict of ``model``'s working weights; ``replace`` gives components (canonical names, as in
+    ``working/``) to write instead of the working ones (e.g. with a LoRA merged in)."""
     if dtype not in EXPORT_DTYPES:
         raise UserError(f"unknown export precision {dtype!r}", f"use one of: {', '.join(EXPORT_DTYPES)}")
     if ema not in EMA_CHOICES:
         raise UserError(f"unknown EMA choice {ema!r}", f"use one of: {', '.join(EMA_CHOICES)}")
     components, extras = read_working(model.working, cfg.family)
+    for component, state in (replace or {}).items():
+        if component not in components:
+            raise ValueError(f"{component} is not a component of this model")
+        missing = set(components[component]) - set(state)
+        if missing:
+            raise ValueError(f"the replacement {component} lacks {len(missing)} tensors (e.g. {sorted(missing)[0]})")
+        components[component] = dict(state)
     if ema == "main" and "unet_ema" not in components:
         raise UserError(f"model {model.name!r} has no EMA weights", "export without EMA, or train with EMA on")
     if ema == "main":
@@ -90,14 +99,15 @@ def default_export_name(cfg: TrainConfig, step: int | None = None) -> str:
 
 
 def export_checkpoint(model: ModelDir, dest: str | os.PathLike[str], *, dtype: str = "fp16", ema: str = "none",
-                      trained: str = "dreambooth") -> Path:
+                      trained: str = "dreambooth",
+                      replace: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> Path:
     """Write ``model`` to ``dest`` (a ``.safetensors`` path, or a folder to put ``<name>.safetensors`` in)."""
     cfg = load_config(model.path)
     dest = Path(dest)
     if dest.suffix != ".safetensors":
         dest = dest / default_export_name(cfg)
     validate_name(dest.name)
-    state = export_state_dict(model, cfg, dtype, ema)
+    state = export_state_dict(model, cfg, dtype, ema, replace)
     metadata = build_metadata(cfg, trained)
     metadata[CONFIGS_METADATA_KEY] = json.dumps(read_configs(model.working, get_family(cfg.family).components))
     save_tensors(dest, state, metadata)

@@ -54,7 +54,7 @@ class NotRunning(UserError):
 
 def worker_command(model: ModelDir, *, models_root: Path, resume: bool, device: str | None,
                    export_dir: Path | None, attention_default: str | None, lora_dir: Path | None = None,
-                   embeddings_dir: Path | None = None) -> list[str]:
+                   embeddings_dir: Path | None = None, hypernetworks_dir: Path | None = None) -> list[str]:
     """The worker's command line (tests replace this to start a stand-in)."""
     cmd = [sys.executable, "-m", "dreambooth", "train", model.name, "--models-root", str(models_root)]
     if resume:
@@ -67,6 +67,8 @@ def worker_command(model: ModelDir, *, models_root: Path, resume: bool, device: 
         cmd += ["--lora-dir", str(lora_dir)]
     if embeddings_dir is not None:
         cmd += ["--embeddings-dir", str(embeddings_dir)]
+    if hypernetworks_dir is not None:
+        cmd += ["--hypernetworks-dir", str(hypernetworks_dir)]
     if attention_default:
         cmd += ["--attention-default", attention_default]
     return cmd
@@ -93,7 +95,7 @@ def _worker_env(token: str) -> dict[str, str]:
 
 def start(model: ModelDir, *, models_root: Path, resume: bool = False, device: str | None = None,
           export_dir: Path | None = None, attention_default: str | None = None, lora_dir: Path | None = None,
-          embeddings_dir: Path | None = None) -> int:
+          embeddings_dir: Path | None = None, hypernetworks_dir: Path | None = None) -> int:
     """Start a worker that trains ``model``; return its pid at once.
 
     The config is validated first, so a bad one is refused before any process starts. Raises AlreadyRunning while
@@ -120,7 +122,7 @@ def start(model: ModelDir, *, models_root: Path, resume: bool = False, device: s
             (model.path / name).unlink(missing_ok=True)
         cmd = worker_command(model, models_root=Path(models_root), resume=resume, device=device,
                              export_dir=export_dir, attention_default=attention_default, lora_dir=lora_dir,
-                             embeddings_dir=embeddings_dir)
+                             embeddings_dir=embeddings_dir, hypernetworks_dir=hypernetworks_dir)
         model.logs.mkdir(parents=True, exist_ok=True)
         started = time.time()
         write_json(model.status_path, {"state": "starting", "message": "starting the training process",

@@ -101,6 +101,21 @@ def test_export_refreshes_the_checkpoint_and_lora_lists(webui, tmp_path, monkeyp
     assert any(i.filename == str(new) for i in sd_models.checkpoints_list.values())
 
 
+def test_hypernetworks_go_to_the_webuis_folder_and_its_list_is_refreshed(webui, tmp_path):
+    adapter, shared, _ = webui
+    host = adapter.WebUIHost()
+    assert host.hypernetworks_dir() == tmp_path / "models" / "hypernetworks"
+    shared.cmd_opts.hypernetwork_dir = str(tmp_path / "hn")
+    try:
+        assert host.hypernetworks_dir() == tmp_path / "hn"
+        (tmp_path / "hn").mkdir()
+        (tmp_path / "hn" / "m_8.pt").write_bytes(b"x")
+        host.after_export(tmp_path / "hn" / "m_8.pt")
+        assert shared.hypernetworks == {"m_8": str(tmp_path / "hn" / "m_8.pt")}
+    finally:
+        shared.cmd_opts.hypernetwork_dir = None
+
+
 def test_webui_model_leaves_vram_during_training_and_comes_back(webui, tmp_path):
     adapter, shared, sd_models = webui
     info = next(iter(sd_models.checkpoints_list.values()))

@@ -81,7 +81,7 @@ def _other(spec, seed: int):
     lo = spec.minimum if spec.minimum is not None else spec.default - 1000
     hi = spec.maximum if spec.maximum is not None else spec.default + 1000
     if spec.type is int:
-        value = int(lo + (hi - lo) * (0.37 + 0.01 * seed))
+        value = int(lo + (hi - lo) * ((0.37 + 0.01 * seed) % 0.99))  # inside the range for any number of fields
         return value if value != spec.default else value + 1
     value = lo + (hi - lo) * (0.3721 + 0.0013 * seed)
     return value if value != spec.default else value / 2
@@ -343,7 +343,7 @@ def test_train_saves_the_form_and_starts_a_worker_without_waiting(model, monkeyp
     assert started.path == md.path
     assert kwargs == {"models_root": host.models_root(), "resume": True, "device": "cpu",
                       "export_dir": host.checkpoint_dir(), "attention_default": "sdp", "lora_dir": host.lora_dir(),
-                      "embeddings_dir": host.embeddings_dir()}
+                      "embeddings_dir": host.embeddings_dir(), "hypernetworks_dir": host.hypernetworks_dir()}
     told = []
     object.__setattr__(host, "training_started", lambda m, **kw: told.append((m.name, sorted(kw))))
     handlers.train("m", False, *values)

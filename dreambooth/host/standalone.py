@@ -84,6 +84,9 @@ class StandaloneHost:
     def embeddings_dir(self) -> Path:
         return models_root(self.root) / "embeddings"
 
+    def hypernetworks_dir(self) -> Path:
+        return models_root(self.root) / "hypernetworks"
+
     def loaded_checkpoint(self) -> str | None:
         return loaded_checkpoint()
 

@@ -80,6 +80,11 @@ class WebUIHost:
         custom = getattr(shared.cmd_opts, "embeddings_dir", None)
         return Path(custom) if custom else Path(paths_internal.data_path) / "embeddings"
 
+    def hypernetworks_dir(self) -> Path:
+        """The WebUI's hypernetworks folder: --hypernetwork-dir if given, else <models>/hypernetworks."""
+        custom = getattr(shared.cmd_opts, "hypernetwork_dir", None)
+        return Path(custom) if custom else Path(paths_internal.models_path) / "hypernetworks"
+
     def checkpoints(self) -> list[str]:
         """The files of the WebUI's checkpoint list, in its order."""
         return [info.filename for info in sd_models.checkpoints_list.values()]
@@ -112,6 +117,12 @@ class WebUIHost:
     def refresh_lists(self) -> None:
         """The checkpoint list, and the Lora list of the WebUI's built-in Lora extension when it is loaded."""
         sd_models.list_models()
+        reload_hypernetworks = getattr(shared, "reload_hypernetworks", None)
+        if callable(reload_hypernetworks):  # the WebUI's hypernetwork list (shared.hypernetworks)
+            try:
+                reload_hypernetworks()
+            except Exception as err:  # noqa: BLE001 - a failing refresh must not break training or export
+                log.warning("could not refresh the WebUI's hypernetwork list: %s", err)
         networks = sys.modules.get("networks")  # extensions-builtin/Lora; absent when that extension is off
         if networks is not None and hasattr(networks, "list_available_networks"):
             try:

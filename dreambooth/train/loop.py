@@ -47,7 +47,9 @@ from ..store import ModelDir
 from ..working import WEIGHT_NAMES, save_tensors
 from .ema import EMA
 from .embedding import EmbeddingSettings, TextualInversion, save_embedding
+from .hypernetwork import Hypernetwork, HypernetworkSettings, save_hypernetwork
 from .lora import LoraNetwork, LoraSettings, lora_metadata, save_lora
+from .lora_merge import merged_components
 from .models import TEXT_ENCODER_NAMES, canonical_state, load_canonical, load_models, set_attention
 from .optimizers import OptimizerSettings, make_optimizer
 from .resume import latest_state, save_state
@@ -79,6 +81,7 @@ class RunOptions:
     export_dir: Path | None = None  # where checkpoints are exported (the WebUI's Stable-diffusion folder)
     lora_dir: Path | None = None  # where LoRA files are exported (the WebUI's Lora folder)
     embeddings_dir: Path | None = None  # where embeddings are exported (the WebUI's embeddings folder)
+    hypernetworks_dir: Path | None = None  # where hypernetworks are exported (the WebUI's hypernetworks folder)
     attention_default: str = "sdp"  # what "auto" means here; the WebUI adapter passes the WebUI's own choice
     install_signal_handlers: bool = True
     on_progress: Callable[[dict], None] | None = None  # called with the status after each write (host progress)
@@ -139,6 +142,7 @@ class Trainer:
         self.base_revision = self.cfg.revision  # steps trained before this run
         self.network: LoraNetwork | None = None
         self.embedding: TextualInversion | None = None
+        self.hypernetwork: Hypernetwork | None = None
         self.saves: list[int] = []
         self.previews: list[int] = []
 
@@ -240,6 +244,9 @@ class Trainer:
         if cfg.method == "textual_inversion":
             self._setup_embedding()
             return
+        if cfg.method == "hypernetwork":
+            self._setup_hypernetwork()
+            return
         if not cfg.train_unet and not train_te:
             raise UserError("nothing to train: the UNet is off and the text encoder step ratio is 0",
                             "turn 'Train UNet' on or set a text encoder step ratio above 0")
@@ -277,6 +284,22 @@ class Trainer:
         self.text_encoder_steps = 0  # the text encoders stay frozen; gradients reach only the new vectors
         self.unet_params, self.te_params = self.embedding.parameters(), []
 
+    def _setup_hypernetwork(self) -> None:
+        """Hypernetwork: a (k, v) pair of small MLPs on the attention inputs of the text conditioning's width is all
+        that trains (the models stay frozen); the UNet's hooks make previews use it too."""
+        cfg, m = self.cfg, self.models
+        settings = HypernetworkSettings(cfg.hypernetwork_layer_structure, cfg.hypernetwork_activation,
+                                        cfg.hypernetwork_layer_norm, cfg.hypernetwork_dropout)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)  # the random init is part of the run: repeatable, resumable
+            network = Hypernetwork([int(m.unet.config.cross_attention_dim)], settings)
+        self.hypernetwork = network.to(self.device).attach(m.unet, (m.vae, *m.text_encoders))
+        m.unet.train()  # dropout in the hypernetwork follows the UNet's mode (previews switch it to eval)
+        for te in m.text_encoders:
+            te.eval()
+        self.text_encoder_steps = 0
+        self.unet_params, self.te_params = list(self.hypernetwork.parameters()), []
+
     def _make_optimizer(self) -> None:
         cfg, m = self.cfg, self.models
         groups = []
@@ -293,7 +316,7 @@ class Trainer:
         self.lr_scheduler = make_lr_scheduler(self.optimizer, cfg.lr_scheduler, self.total_steps,
                                               cfg.lr_warmup_steps, cfg.lr_cycles, cfg.lr_power)
         self.ema = None
-        if cfg.use_ema and cfg.train_unet and self.network is None and self.embedding is None:
+        if cfg.use_ema and cfg.train_unet and self._addon is None:
             self.ema = EMA(m.unet.parameters(), cfg.ema_decay)
         elif cfg.use_ema:
             log.warning("EMA applies to full DreamBooth training of the UNet; it is off for this run")
@@ -334,6 +357,8 @@ class Trainer:
             self.network.load_kohya_state_dict(state.weights["lora"])
         elif self.embedding is not None:
             self.embedding.load_state_dict(state.weights["embedding"])
+        elif self.hypernetwork is not None:
+            self.hypernetwork.load_state_dict(state.weights["hypernetwork"])
         else:
             for component, module in self._trained_modules().items():
                 load_canonical(component, module, state.weights[component])
@@ -459,6 +484,11 @@ class Trainer:
         return latent
 
     # ------------------------------------------------------------------------------------------------ events
+    @property
+    def _addon(self) -> LoraNetwork | TextualInversion | Hypernetwork | None:
+        """What trains instead of the model's own weights (LoRA, embedding, hypernetwork), or None (DreamBooth)."""
+        return next((a for a in (self.network, self.embedding, self.hypernetwork) if a is not None), None)
+
     def _trained_modules(self) -> dict[str, torch.nn.Module]:
         out: dict[str, torch.nn.Module] = {}
         if self.cfg.train_unet:
@@ -472,6 +502,8 @@ class Trainer:
             return {"lora": {k: v.detach().cpu() for k, v in self.network.kohya_state_dict().items()}}
         if self.embedding is not None:
             return {"embedding": {k: v.detach().cpu() for k, v in self.embedding.state_dict().items()}}
+        if self.hypernetwork is not None:
+            return {"hypernetwork": {k: v.detach().cpu().clone() for k, v in self.hypernetwork.state_dict().items()}}
         weights = {c: canonical_state(c, m) for c, m in self._trained_modules().items()}
         if self.ema is not None:
             with self.ema.swapped(self.models.unet.parameters()):
@@ -519,7 +551,13 @@ class Trainer:
                     clean_stale_temps(folder, name)
             self._save_embedding()
             fault_point("save")
-        for component, state in ({} if self.network or self.embedding else weights).items():
+        if self.hypernetwork is not None:
+            clean_stale_temps(self.model.path / "hypernetwork", re.escape(f"{self.model.name}.pt"))
+            if self.opts.hypernetworks_dir is not None:
+                clean_stale_temps(self.opts.hypernetworks_dir, re.escape(self.model.name) + r"_\d+\.pt")
+            self._save_hypernetwork()
+            fault_point("save")
+        for component, state in ({} if self._addon is not None else weights).items():
             folder = self.model.working / component
             if component == "unet_ema" and not folder.is_dir():
                 folder.mkdir()
@@ -533,13 +571,18 @@ class Trainer:
         dest = self._export_path()
         if dest is not None:
             clean_stale_temps(dest.parent, self._export_pattern())
+            merged = merged_components(self.models, self.network) if self.network is not None else None
             export_checkpoint(self.model, dest, dtype=self.cfg.export_dtype,
-                              ema="main" if self.cfg.export_ema and self.ema is not None else "none")
+                              ema="main" if self.cfg.export_ema and self.ema is not None else "none",
+                              trained="lora (merged)" if merged is not None else "dreambooth", replace=merged)
             self.status.update(last_export=str(dest))
 
     def _export_path(self) -> Path | None:
-        """Where this step's checkpoint export goes (full training with exports on), else None."""
-        if not self.cfg.save_checkpoint or self.opts.export_dir is None or self.network or self.embedding:
+        """Where this step's checkpoint export goes (full training, or LoRA merged into it, with exports on), else
+        None."""
+        if not self.cfg.save_checkpoint or self.opts.export_dir is None:
+            return None
+        if self._addon is not None and not (self.network is not None and self.cfg.lora_merge_export):
             return None
         return self.opts.export_dir / f"{self.model.name}_{self.step}.safetensors"
 
@@ -584,6 +627,10 @@ class Trainer:
             sizes[self.model.path / "embeddings"] = weight_bytes
             if cfg.save_checkpoint and self.opts.embeddings_dir is not None:
                 sizes[self.opts.embeddings_dir] = sizes.get(self.opts.embeddings_dir, 0) + weight_bytes
+        elif self.hypernetwork is not None:
+            sizes[self.model.path / "hypernetwork"] = weight_bytes
+            if cfg.save_checkpoint and self.opts.hypernetworks_dir is not None:
+                sizes[self.opts.hypernetworks_dir] = sizes.get(self.opts.hypernetworks_dir, 0) + weight_bytes
         else:
             sizes[self.model.working] = weight_bytes
         export = self._export_path()
@@ -646,6 +693,18 @@ class Trainer:
         if self.cfg.save_checkpoint and self.opts.embeddings_dir is not None:
             save_embedding(self.opts.embeddings_dir / name, self.embedding, step, self.cfg.family)
             self.status.update(last_export=str(self.opts.embeddings_dir / name))
+
+    def _save_hypernetwork(self) -> None:
+        """The WebUI hypernetwork file: the model dir's copy, and one per save in the hypernetworks folder."""
+        cfg = self.cfg
+        info = dict(step=self.base_revision + self.step, checkpoint_hash=cfg.source_sha256,
+                    checkpoint_name=Path(cfg.source_checkpoint).stem if cfg.source_checkpoint else "")
+        save_hypernetwork(self.model.path / "hypernetwork" / f"{self.model.name}.pt", self.hypernetwork,
+                          name=self.model.name, **info)
+        if cfg.save_checkpoint and self.opts.hypernetworks_dir is not None:
+            dest = self.opts.hypernetworks_dir / f"{self.model.name}_{self.step}.pt"
+            save_hypernetwork(dest, self.hypernetwork, name=dest.stem, **info)
+            self.status.update(last_export=str(dest))
 
     def _preview(self) -> None:
         cfg, m = self.cfg, self.models

@@ -306,6 +306,10 @@ class LoraNetwork(nn.Module):
     def attached(self) -> bool:
         return bool(self._handles)
 
+    def adapted_layers(self) -> dict[str, nn.Module]:
+        """kohya name -> the model layer it adapts."""
+        return dict(self._layers)
+
     def names(self, part: str | None = None) -> list[str]:
         """kohya names of the adapted layers (of one part, ``unet`` or ``text_encoder``, or all)."""
         if part is None:

@@ -24,6 +24,7 @@ SETTING_GROUPS = {
     "method": "Training method",
     "lora": "LoRA",
     "embedding": "Textual inversion",
+    "hypernetwork": "Hypernetwork",
     "intervals": "Intervals",
     "batching": "Batching",
     "learning_rate": "Learning rate and optimizer",

@@ -181,6 +181,21 @@ class TabHandlers:
         return [message_html(f"loaded the settings of {md.name}{note}", "ok"), self.info(md, cfg),
                 self.config_steps_html(cfg), *config_to_values(cfg, self.controls)]
 
+    def import_kohya(self, name: str | None, source: str, reg_folder: str) -> list[Any]:
+        """[message, model info, step count, *control values] after filling the concepts from a kohya dataset."""
+        from ..kohya_import import import_kohya
+
+        md = self.model(name)
+        if _jobs().running(md):
+            raise UserError(f"{md.name} is training; its concepts cannot change now", "wait for the training to end")
+        result = import_kohya(md, source, reg_folder or None)
+        cfg = load_config(md.path)
+        text = result.summary() + "".join(f"; note: {n}" for n in result.notes)
+        if len(cfg.concepts) > CONCEPT_PANELS:
+            text += f"; concepts {CONCEPT_PANELS + 1}-{len(cfg.concepts)} are kept but not shown"
+        return [message_html(text, "ok"), self.info(md, cfg), self.config_steps_html(cfg),
+                *config_to_values(cfg, self.controls)]
+
     def save(self, name: str | None, *values: Any) -> str:
         md = self.model(name)
         cfg = self.form_config(md, values)
@@ -213,7 +228,9 @@ class TabHandlers:
         jobs.start(md, models_root=self.host.models_root(), resume=bool(resume), device=self.device(),
                    export_dir=self.host.checkpoint_dir(), attention_default=self.host.attention_default(),
                    lora_dir=self.host.lora_dir() if hasattr(self.host, "lora_dir") else None,
-                   embeddings_dir=self.host.embeddings_dir() if hasattr(self.host, "embeddings_dir") else None)
+                   embeddings_dir=self.host.embeddings_dir() if hasattr(self.host, "embeddings_dir") else None,
+                   hypernetworks_dir=self.host.hypernetworks_dir() if hasattr(self.host, "hypernetworks_dir")
+                   else None)
         started = getattr(self.host, "training_started", None)
         if callable(started):  # e.g. the WebUI frees VRAM and mirrors the progress into its own progress bar
             started(md, is_running=lambda: jobs.running(md), read_status=lambda: jobs.status(md))

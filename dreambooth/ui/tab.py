@@ -128,6 +128,15 @@ def build_tab(host: Host) -> Any:
                                 render(controls)
                     with gr.Tab("Concepts", id="dreambooth_concepts_tab", elem_id="dreambooth_concepts_tab"):
                         render([c for c in config_controls if c.spec.group == "concepts"])
+                        with gr.Accordion("Import kohya dataset", open=False, elem_id="dreambooth_kohya"):
+                            with gr.Row():
+                                kohya_source = compat.make(
+                                    gr.Textbox, label="Dataset .toml or folder of <repeats>_<name> folders",
+                                    lines=1, max_lines=1, elem_id="dreambooth_kohya_source", scale=3)
+                                kohya_reg = compat.make(gr.Textbox, label="Regularization folder (with a folder)",
+                                                        lines=1, max_lines=1, elem_id="dreambooth_kohya_reg", scale=2)
+                                kohya_import = compat.make(gr.Button, value="Import", elem_id="dreambooth_kohya_import",
+                                                           scale=0, min_width=100)
                         with gr.Tabs():
                             for index in range(CONCEPT_PANELS):
                                 with gr.Tab(f"Concept {index + 1}", id=f"dreambooth_concept_{index}",
@@ -165,6 +174,8 @@ def build_tab(host: Host) -> Any:
                             queue=False))
         then_poll(compat.on(load.click, guard(len(form_outputs))(handlers.load), [model], form_outputs, queue=False))
         compat.on(save.click, guard(1)(handlers.save), [model, *values], [message], queue=False)
+        compat.on(kohya_import.click, guard(len(form_outputs))(handlers.import_kohya),
+                  [model, kohya_source, kohya_reg], form_outputs, queue=False)
         then_poll(compat.on(create.click, guard(len(form_outputs) + 1)(handlers.create),
                             [source, model_type, extract_ema, new_name], [message, info, steps_line, model, *values]))
         compat.on(train.click, guard(2)(handlers.train), [model, resume, *values], [message, status], queue=False)

@@ -58,6 +58,20 @@ class State:
 
 cmd_opts = argparse.Namespace(xformers=False, opt_sdp_attention=False, opt_sdp_no_mem_attention=False, medvram=False,
                               lowvram=False, api_auth=None, ckpt_dir=None, lora_dir=None, embeddings_dir=None,
+                              hypernetwork_dir=None,
                               data_dir=None, nowebui=False)
 opts = Options()
 state = State()
+hypernetworks: dict[str, str] = {}
+
+
+def reload_hypernetworks():
+    """The WebUI's list of hypernetworks: every .pt under the hypernetworks folder, by file stem."""
+    import os
+    from pathlib import Path
+
+    from modules import paths_internal
+
+    global hypernetworks
+    folder = Path(cmd_opts.hypernetwork_dir or os.path.join(paths_internal.models_path, "hypernetworks"))
+    hypernetworks = {p.stem: str(p) for p in sorted(folder.rglob("*.pt"))}
