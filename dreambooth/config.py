@@ -36,6 +36,7 @@ SAMPLE_SCHEDULERS = ("ddim", "pndm", "lms", "euler", "euler_a", "dpmpp_2m", "uni
 LONG_PROMPTS = ("truncate", "chunk")
 EXPORT_DTYPES = ("fp16", "fp32", "bf16")
 METHODS = ("dreambooth", "lora", "textual_inversion", "hypernetwork")
+WEIGHT_METHODS = ("dreambooth", "lora")  # the methods that train the UNet / text encoder (or a LoRA on them)
 # the WebUI's hypernetwork activations that need no arguments (train/hypernetwork.py builds them; a test checks)
 HYPERNETWORK_ACTIVATIONS = ("linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "gelu", "silu", "mish",
                             "softplus", "selu", "celu", "relu6", "hardswish", "hardtanh", "hardsigmoid", "softsign",
@@ -196,7 +197,8 @@ class TrainConfig:
                                    minimum=0.0, maximum=1.0)
     text_encoder_learning_rate: float = setting(1e-6, "Text encoder learning rate",
                                                 "Learning rate of the text encoder(s) while they train.",
-                                                "learning_rate", minimum=0.0, maximum=1.0)
+                                                "learning_rate", minimum=0.0, maximum=1.0,
+                                                methods=WEIGHT_METHODS)
     lr_scheduler: str = setting("constant_with_warmup", "Learning rate scheduler", "How the LR changes over steps.",
                                 "learning_rate", choices=LR_SCHEDULERS)
     lr_warmup_steps: int = setting(0, "Warmup steps", "Steps of linear warmup from 0.", "learning_rate",
@@ -223,10 +225,11 @@ class TrainConfig:
                              choices=ATTENTION)
     cache_latents: bool = setting(True, "Cache latents", "Encode each image once with the VAE and reuse it.",
                                   "performance")
-    train_unet: bool = setting(True, "Train UNet", "Off trains only the text encoder.", "performance")
+    train_unet: bool = setting(True, "Train UNet", "Off trains only the text encoder.", "performance",
+                               methods=WEIGHT_METHODS)
     text_encoder_ratio: float = setting(0.0, "Text encoder step ratio",
                                         "Train the text encoder(s) for this fraction of the steps (0 = never).",
-                                        "performance", minimum=0.0, maximum=1.0)
+                                        "performance", minimum=0.0, maximum=1.0, methods=WEIGHT_METHODS)
     use_ema: bool = setting(False, "EMA", "Keep an exponential moving average of the UNet weights.", "performance",
                             methods=("dreambooth",))
     ema_decay: float = setting(0.9999, "EMA decay", "Weight of the old average at each step.", "performance",

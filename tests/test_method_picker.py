@@ -27,6 +27,15 @@ def test_the_tab_shows_only_the_hypernetwork_settings_that_apply():
         assert not any(shown_for_method(other, controls)[index[n]] for n in HYPERNETWORK_FIELDS)
 
 
+def test_text_encoder_and_unet_switches_show_only_for_methods_that_train_those_weights():
+    controls = config_controls()
+    index = {c.spec.name: i for i, c in enumerate(controls)}
+    switches = ("train_unet", "text_encoder_ratio", "text_encoder_learning_rate")
+    for method in METHODS:
+        shown = shown_for_method(method, controls)
+        assert all(shown[index[n]] for n in switches) == (method in ("dreambooth", "lora")), method
+
+
 class HypernetworkHost(Host):
     def hypernetworks_dir(self):
         return self.root / "hypernetworks"
