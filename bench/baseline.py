@@ -150,9 +150,9 @@ def _load(working: Path, sdxl: bool) -> tuple:
     for n in names:
         arch = json.loads((working / n / "config.json").read_text(encoding="utf-8")).get("architectures", [])
         cls = CLIPTextModelWithProjection if "CLIPTextModelWithProjection" in arch else CLIPTextModel
-        encoders.append(cls.from_pretrained(working / n))
-    vae = AutoencoderKL.from_pretrained(working / "vae")
-    unet = UNet2DConditionModel.from_pretrained(working / "unet")
+        encoders.append(cls.from_pretrained(working / n, torch_dtype=torch.float32))
+    vae = AutoencoderKL.from_pretrained(working / "vae", torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(working / "unet", torch_dtype=torch.float32)  # fp32, as the recipes
     scheduler = DDPMScheduler.from_pretrained(working / "scheduler")
     return tokenizers, encoders, vae, unet, scheduler
 

@@ -118,5 +118,10 @@ def _peak_rss() -> int | None:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+def is_oom(err: BaseException | None) -> bool:
+    """Whether ``err`` or what caused it is an out-of-memory error (our trainer re-raises one as a UserError)."""
+    while err is not None:
+        if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower():
+            return True
+        err = err.__cause__
+    return False

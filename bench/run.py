@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA device; use --device cpu", file=sys.stderr)
         return 2
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # the clock's CUDA events go on the current device's stream
     matrix = args.matrix or ("gpu" if device.type == "cuda" else "cpu-smoke")
     size, cases = MATRICES[matrix]
     peak, how = measure_peak_flops(device)

@@ -91,3 +91,38 @@ def test_case_keys_name_what_the_targets_look_for():
     for t in TARGETS:
         case = next(c for c in MATRICES["gpu"][1] if c.key == t.case_key)
         assert t.profile in case.profiles and (t.versus is None or t.versus in case.profiles)
+
+
+def test_an_out_of_memory_error_is_recognised_through_the_trainers_user_error():
+    from bench.measure import is_oom
+    from dreambooth.errors import UserError
+
+    try:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        except torch.OutOfMemoryError as err:
+            raise UserError("out of cuda:0 memory at step 3", "try ...") from err
+    except UserError as wrapped:
+        assert is_oom(wrapped)
+    assert not is_oom(UserError("the loss became nan at step 3", "lower the learning rate"))
+
+
+def test_baseline_lora_leaves_the_output_unchanged_at_init_and_trains_only_its_own_weights():
+    from diffusers import UNet2DConditionModel
+
+    from bench.baseline import LoraLinear, add_lora
+
+    torch.manual_seed(0)
+    config = {k: v for k, v in tiny_config("sd1", "unet").items() if not k.startswith("_")}
+    unet = UNet2DConditionModel.from_config(config)
+    args, kwargs = flops.unet_inputs(config, 32, 1, torch.device("cpu"), torch.float32, False)
+    before = unet(*args, **kwargs).sample
+    unet.requires_grad_(False)
+    params = add_lora(unet, rank=4, alpha=4.0)
+    wrapped = [m for m in unet.modules() if isinstance(m, LoraLinear)]
+    assert wrapped and len(params) == 2 * len(wrapped)
+    after = unet(*args, **kwargs).sample
+    torch.testing.assert_close(after, before)  # up starts at zero: the LoRA adds nothing until it trains
+    after.square().mean().backward()
+    assert all(p.grad is not None for p in params[1::2])  # the up weights get gradients
+    assert all(p.grad is None for p in unet.parameters() if not any(p is q for q in params))
