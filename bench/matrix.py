@@ -1,0 +1,99 @@
+"""What a benchmark run measures: the configurations, the profiles run on each, and the targets of issue 7."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FAMILY_NAMES = {"sd1": "sd15", "sd2v": "sd21v", "sdxl": "sdxl"}  # dreambooth family id -> name in the table
+
+OURS_PROFILES = ("ours-default", "ours-lowmem", "ours-fast")
+BASELINE_VARIANTS = ("baseline-default", "baseline-lowmem")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One configuration: model family x method x resolution x batch, and the profiles to run on it."""
+
+    family: str  # sd1 | sd2v | sdxl
+    method: str  # dreambooth (full UNet) | lora
+    resolution: int
+    batch: int
+    profiles: tuple[str, ...]
+    lora_rank: int = 32
+
+    @property
+    def key(self) -> str:
+        method = f"lora-r{self.lora_rank}" if self.method == "lora" else "dreambooth"
+        return f"{FAMILY_NAMES[self.family]}/{method}/{self.resolution}/b{self.batch}"
+
+
+ALL = OURS_PROFILES + BASELINE_VARIANTS
+LOW = ("ours-lowmem", "baseline-lowmem")
+
+MATRICES: dict[str, tuple[str, tuple[Case, ...]]] = {
+    # tiny models on the CPU: the sentinel that the harness and both loops work (numbers say nothing about GPUs)
+    "cpu-smoke": ("tiny", (
+        Case("sd1", "dreambooth", 64, 1, ("ours-default", "ours-lowmem", "baseline-default", "baseline-lowmem")),
+        Case("sd1", "lora", 64, 1, ("ours-default", "baseline-default"), lora_rank=4),
+    )),
+    "cpu": ("tiny", tuple(Case(f, m, 64, b, ALL, lora_rank=4)
+                          for f in ("sd1", "sd2v", "sdxl") for m in ("dreambooth", "lora") for b in (1, 2))),
+    # full-size architectures with random weights; covers every target of the issue
+    "gpu": ("full", (
+        Case("sd1", "dreambooth", 512, 1, ALL),
+        Case("sd1", "lora", 512, 1, ALL),
+        Case("sd1", "dreambooth", 512, 8, ("ours-default", "ours-fast", "baseline-default")),
+        Case("sd2v", "dreambooth", 768, 1, ("ours-default",) + LOW),
+        Case("sd2v", "lora", 768, 1, LOW),
+        Case("sdxl", "lora", 1024, 1, ("ours-default",) + LOW),
+        Case("sdxl", "dreambooth", 1024, 1, LOW),
+    )),
+}
+
+
+def profile_overrides(profile: str, *, eight_bit: bool, compile_unet: bool) -> dict[str, object]:
+    """The TrainConfig settings a profile of ours sets (on top of the harness's own, see ``ours.py``).
+
+    ``eight_bit``: bitsandbytes works on this device (else lowmem uses torch AdamW and the row says so).
+    """
+    if profile == "ours-default":
+        return {}
+    if profile == "ours-lowmem":
+        return {"cache_latents": True, "cache_text_embeddings": True, "offload_frozen_models": True,
+                "weight_precision": "bf16_stochastic", "fused_backward_step": True, "gradient_checkpointing": True,
+                "optimizer": "adamw_8bit" if eight_bit else "adamw", "attention": "sdp", "mixed_precision": "bf16",
+                "set_grads_to_none": True}
+    if profile == "ours-fast":
+        overrides: dict[str, object] = {
+            "weight_precision": "bf16_master", "mixed_precision": "bf16", "gradient_checkpointing": False,
+            "channels_last": True, "cache_latents": True, "cache_text_embeddings": True, "attention": "sdp"}
+        if compile_unet:
+            overrides["compile_unet"] = True
+        return overrides
+    raise ValueError(f"unknown profile {profile!r}")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A figure the issue asks for: ``metric`` of ``profile`` on ``case_key`` against ``threshold``."""
+
+    name: str
+    case_key: str
+    profile: str
+    metric: str  # peak_allocated_bytes | samples_per_s_ratio | mfu
+    threshold: float
+    at_most: bool  # True: value <= threshold passes; False: value >= threshold passes
+    versus: str | None = None  # for a ratio: the baseline row it is taken against
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("SD1.5 DreamBooth 512 b1: peak allocated <= 6 GB", "sd15/dreambooth/512/b1", "ours-lowmem",
+           "peak_allocated_bytes", 6e9, True),
+    Target("SD1.5 DreamBooth 512 b1: samples/s >= 1.5x baseline lowest-memory", "sd15/dreambooth/512/b1",
+           "ours-lowmem", "samples_per_s_ratio", 1.5, False, versus="baseline-lowmem"),
+    Target("SD1.5 LoRA r32 512 b1: peak allocated <= 3.5 GB", "sd15/lora-r32/512/b1", "ours-lowmem",
+           "peak_allocated_bytes", 3.5e9, True),
+    Target("SD1.5 DreamBooth 512 b8: MFU >= 30%", "sd15/dreambooth/512/b8", "ours-fast", "mfu", 0.30, False),
+    Target("SDXL LoRA r32 1024 b1: peak allocated <= 8 GB", "sdxl/lora-r32/1024/b1", "ours-lowmem",
+           "peak_allocated_bytes", 8e9, True),
+)

@@ -1,0 +1,128 @@
+"""The benchmark harness (bench/) end to end on tiny models on the CPU: the sentinel that it runs and reports sane
+numbers. The figures themselves are not checked (benchmarks are not unit tests)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench import flops, report
+from bench.matrix import TARGETS, Case
+from bench.ours import unavailable_settings
+from bench.run import main
+from dreambooth.tiny import tiny_config
+
+
+def test_harness_runs_ours_and_baseline_and_writes_every_column(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["--device", "cpu", "--matrix", "cpu-smoke", "--steps", "2", "--warmup", "2", "--out", str(out),
+                 "--workdir", str(tmp_path / "work"), "--only", "sd15/dreambooth/64/b1 ours-",
+                 "--only", "sd15/dreambooth/64/b1 baseline-default"])
+    assert code == 0
+    result = json.loads(out.read_text(encoding="utf-8"))
+    rows = {r["profile"]: r for r in result["rows"]}
+    assert set(rows) == {"ours-default", "ours-lowmem", "baseline-default"}
+    for row in rows.values():
+        assert set(report.ROW_KEYS) <= set(row)
+    # the low-memory profile names the settings this branch lacks instead of running without them (or runs)
+    lowmem = rows.pop("ours-lowmem")
+    assert lowmem["status"] == "ok" or lowmem["status"].startswith("unavailable: ")
+    for row in rows.values():
+        assert row["status"] == "ok", row["status"]
+        assert row["samples_per_s"] > 0 and row["step_time_s"] > 0 and row["time_to_first_step_s"] > 0
+        assert row["measured_steps"] == 2 and row["warmup_steps"] == 2
+        assert row["flops_per_sample"] > 0
+        assert 0 < row["mfu"] <= 1
+        assert row["peak_allocated_bytes"] is None  # no per-row peak on the CPU: "n/a", not a made-up number
+        assert row["last_loss"] is not None and row["last_loss"] > 0
+    assert rows["ours-default"]["flops_per_sample"] == rows["baseline-default"]["flops_per_sample"]
+    assert result["device"]["measured_peak_flops"] > 0
+    assert [r["samples_per_s"] for r in result["ratios"]] == [
+        pytest.approx(rows["ours-default"]["samples_per_s"] / rows["baseline-default"]["samples_per_s"])]
+    assert len(result["targets"]) == len(TARGETS)
+    printed = capsys.readouterr().out
+    assert "ours-default" in printed and "baseline-default" in printed and "targets (issue 7)" in printed
+
+
+def test_flop_count_on_meta_equals_the_real_count_and_lora_skips_weight_gradients():
+    config = tiny_config("sd1", "unet")
+    real = flops.count_unet_flops(config, 32, "dreambooth", False, torch.device("cpu"))
+    assert flops.count_unet_flops(config, 32, "dreambooth", False, torch.device("meta")) == real
+    lora = flops.count_unet_flops(config, 32, "lora", False, torch.device("cpu"))
+    assert 0 < lora < real  # no weight gradients for frozen weights
+
+
+def test_missing_fields_and_values_are_reported_not_dropped():
+    assert unavailable_settings({"cache_latents": True}) == []
+    assert unavailable_settings({"no_such_field": True, "optimizer": "adamw"}) == ["no_such_field"]
+    assert unavailable_settings({"mixed_precision": "fp8"}) == ["mixed_precision='fp8'"]
+
+
+def _row(profile: str, kind: str, **values) -> dict:
+    row = {k: None for k in report.ROW_KEYS}
+    row.update(case="sd15/dreambooth/512/b1", profile=profile, kind=kind, status="ok", **values)
+    return row
+
+
+def test_targets_pass_fail_and_missing():
+    rows = [_row("ours-lowmem", "ours", peak_allocated_bytes=5.5e9, samples_per_s=3.0),
+            _row("baseline-lowmem", "baseline", peak_allocated_bytes=9.9e9, samples_per_s=1.0)]
+    by_name = {t["name"]: t for t in (report.evaluate_target(t, rows) for t in TARGETS)}
+    memory, speed = (by_name[t.name] for t in TARGETS[:2])
+    assert memory["passed"] is True and memory["value"] == 5.5e9
+    assert speed["passed"] is True and speed["value"] == pytest.approx(3.0)
+    rows[0]["peak_allocated_bytes"], rows[0]["samples_per_s"] = 6.5e9, 1.2
+    memory, speed = (report.evaluate_target(t, rows) for t in TARGETS[:2])
+    assert memory["passed"] is False and speed["passed"] is False
+    assert report.evaluate_target(TARGETS[3], rows)["passed"] is None  # the b8 case is not in these rows
+    rows[0]["status"] = "oom"
+    assert report.evaluate_target(TARGETS[0], rows)["passed"] is False
+
+
+def test_case_keys_name_what_the_targets_look_for():
+    assert Case("sd1", "dreambooth", 512, 1, ()).key == "sd15/dreambooth/512/b1"
+    assert Case("sdxl", "lora", 1024, 1, ()).key == "sdxl/lora-r32/1024/b1"
+    from bench.matrix import MATRICES
+
+    gpu_keys = {c.key for c in MATRICES["gpu"][1]}
+    assert {t.case_key for t in TARGETS} <= gpu_keys
+    for t in TARGETS:
+        case = next(c for c in MATRICES["gpu"][1] if c.key == t.case_key)
+        assert t.profile in case.profiles and (t.versus is None or t.versus in case.profiles)
+
+
+def test_an_out_of_memory_error_is_recognised_through_the_trainers_user_error():
+    from bench.measure import is_oom
+    from dreambooth.errors import UserError
+
+    try:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        except torch.OutOfMemoryError as err:
+            raise UserError("out of cuda:0 memory at step 3", "try ...") from err
+    except UserError as wrapped:
+        assert is_oom(wrapped)
+    assert not is_oom(UserError("the loss became nan at step 3", "lower the learning rate"))
+
+
+def test_baseline_lora_leaves_the_output_unchanged_at_init_and_trains_only_its_own_weights():
+    from diffusers import UNet2DConditionModel
+
+    from bench.baseline import LoraLinear, add_lora
+
+    torch.manual_seed(0)
+    config = {k: v for k, v in tiny_config("sd1", "unet").items() if not k.startswith("_")}
+    unet = UNet2DConditionModel.from_config(config)
+    args, kwargs = flops.unet_inputs(config, 32, 1, torch.device("cpu"), torch.float32, False)
+    before = unet(*args, **kwargs).sample
+    unet.requires_grad_(False)
+    params = add_lora(unet, rank=4, alpha=4.0)
+    wrapped = [m for m in unet.modules() if isinstance(m, LoraLinear)]
+    assert wrapped and len(params) == 2 * len(wrapped)
+    after = unet(*args, **kwargs).sample
+    torch.testing.assert_close(after, before)  # up starts at zero: the LoRA adds nothing until it trains
+    after.square().mean().backward()
+    assert all(p.grad is not None for p in params[1::2])  # the up weights get gradients
+    assert all(p.grad is None for p in unet.parameters() if not any(p is q for q in params))
