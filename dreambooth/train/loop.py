@@ -561,7 +561,8 @@ class Trainer:
             return self.latent_cache[key]
         pixels = to_device(self.data.load_pixels(ex, flip), self.device, self.pinned)[None]
         vae = self.models.vae
-        latent = vae.encode(pixels).latent_dist.mode()[0] * vae.config.scaling_factor
+        pixels = pixels.to(vae.dtype)  # bf16 with bf16 weights; the latent is kept in fp32 either way
+        latent = vae.encode(pixels).latent_dist.mode()[0].float() * vae.config.scaling_factor
         self.vae_encodes += 1
         if self.cfg.cache_latents:
             self.latent_cache[key] = latent
