@@ -81,7 +81,7 @@ def _other(spec, seed: int):
     lo = spec.minimum if spec.minimum is not None else spec.default - 1000
     hi = spec.maximum if spec.maximum is not None else spec.default + 1000
     if spec.type is int:
-        value = int(lo + (hi - lo) * (0.37 + 0.01 * seed))
+        value = int(lo + (hi - lo) * ((0.37 + 0.01 * seed) % 1.0))  # inside the range however many settings
         return value if value != spec.default else value + 1
     value = lo + (hi - lo) * (0.3721 + 0.0013 * seed)
     return value if value != spec.default else value / 2
