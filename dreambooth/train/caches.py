@@ -45,7 +45,10 @@ class TextEmbeddingCache:
     @torch.no_grad()
     def _encode_row(self, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         encoder_device = next(self.models.text_encoders[0].parameters()).device
-        autocast = torch.autocast(encoder_device.type, dtype=self.autocast) if self.autocast else nullcontext()
+        dtype = self.autocast
+        if encoder_device.type == "cpu" and dtype is torch.float16:
+            dtype = None  # an offloaded encoder on the CPU: fp32 there (the UNet's autocast casts it anyway)
+        autocast = torch.autocast(encoder_device.type, dtype=dtype) if dtype else nullcontext()
         with autocast:
             hidden, pooled = encode_tokens(self.models, [i[None] for i in ids], self.clip_skip)
         self.encodes += 1
