@@ -83,3 +83,18 @@ def test_applying_a_profile_in_the_tab_sets_the_fields(tmp_path):
         assert shown[key] == value, key
     kept = handlers.apply_profile(None, NO_PROFILE, *values)
     assert kept[1:] == values and "estimated" in kept[0]
+
+
+def test_cli_train_applies_a_profile_first(tmp_path, tiny_checkpoint, monkeypatch):
+    from dreambooth.cli import main
+    from dreambooth.config import load_config
+    from dreambooth.create import create_model
+    from dreambooth.train import loop
+
+    md = create_model(tiny_checkpoint("sd1"), "m", tmp_path)
+    seen = []
+    monkeypatch.setattr(loop, "train_model", lambda model, options: seen.append(load_config(model.path)) or
+                        {"state": "done", "step": 0})
+    assert main(["train", "m", "--models-root", str(tmp_path), "--profile", "fits in 6 GB"]) == 0
+    assert seen[0].fused_backward_step and seen[0].weight_precision == "bf16_stochastic"
+    assert load_config(md.path).offload_frozen_models
