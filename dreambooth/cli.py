@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where hypernetworks are exported at each save (default: <models root>/hypernetworks)")
     p.add_argument("--attention-default", choices=("default", "sdp", "xformers"), default="sdp",
                    help="what the config's attention 'auto' means (the WebUI passes its own choice)")
+    p.add_argument("--profile", choices=("fits in 6 GB", "fits in 8 GB", "fastest"),
+                   help="apply a memory profile to the model's db_config.json before training (see profiles.py)")
     _add_root(p)
 
     p = sub.add_parser("import-kohya", help="fill a model's concepts from a kohya dataset (TOML or folders)",
@@ -165,6 +167,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train.loop import RunOptions, train_model
 
     md = open_model(args.name, args.models_root)
+    if getattr(args, "profile", None):
+        from .config import load_config
+        from .profiles import apply_profile
+
+        apply_profile(load_config(md.path), args.profile).save(md.path)
+        print(f"applied the memory profile {args.profile!r} to {md.config_path}")
     export_dir = Path(args.export_dir) if args.export_dir else models_root(args.models_root) / "Stable-diffusion"
     root = models_root(args.models_root)
     lora_dir = Path(args.lora_dir) if args.lora_dir else root / "Lora"

@@ -41,6 +41,7 @@ WEIGHT_METHODS = ("dreambooth", "lora")  # the methods that train the UNet / tex
 HYPERNETWORK_ACTIVATIONS = ("linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "gelu", "silu", "mish",
                             "softplus", "selu", "celu", "relu6", "hardswish", "hardtanh", "hardsigmoid", "softsign",
                             "tanhshrink", "logsigmoid")
+WEIGHT_PRECISIONS = ("fp32", "bf16_master", "bf16_stochastic")
 
 
 def setting(default: Any, label: str, help: str, group: str, *, minimum: float | None = None,
@@ -236,6 +237,36 @@ class TrainConfig:
                                minimum=0.0, maximum=1.0, methods=("dreambooth",))
     seed: int = setting(1234, "Seed", "Seed for noise, timesteps and data order.", "performance",
                         minimum=0, maximum=2**32 - 1)
+    cache_text_embeddings: bool = setting(True, "Cache text embeddings",
+                                          "While the text encoder(s) are frozen, encode each distinct prompt once "
+                                          "and reuse it: saves the text encoder's forward pass every step, costs a "
+                                          "little memory per distinct prompt.", "performance")
+    offload_frozen_models: bool = setting(False, "Offload VAE and frozen text encoders",
+                                          "When latents and text embeddings are cached, keep the VAE and frozen text "
+                                          "encoder(s) in RAM during training steps (moved back for previews): saves "
+                                          "their VRAM (~0.4 GB SD 1.5, ~1.7 GB SDXL), costs a slower setup and "
+                                          "previews.", "performance")
+    channels_last: bool = setting(False, "Channels-last UNet",
+                                  "Keep the UNet and latents in channels-last memory format: faster convolutions "
+                                  "on tensor-core GPUs, no memory cost.", "performance")
+    weight_precision: str = setting("fp32", "Weight precision",
+                                    "fp32 keeps the weights in 32 bits. bf16_master stores them in bf16 and the "
+                                    "optimizer updates an fp32 master copy (saves activation and frozen-model "
+                                    "memory, same trainable-weight memory). bf16_stochastic keeps only bf16 weights "
+                                    "and rounds each update stochastically (half the weight memory, a little "
+                                    "noisier). bf16 needs bf16 mixed precision and a GPU that supports it.",
+                                    "performance", choices=WEIGHT_PRECISIONS, methods=WEIGHT_METHODS)
+    fused_backward_step: bool = setting(False, "Optimizer step in backward",
+                                        "Update each weight as soon as its gradient is ready and free the gradient at "
+                                        "once: no full gradient buffer (saves the size of the trained weights again). "
+                                        "Needs gradient accumulation 1, max gradient norm 0 (no global clipping) and "
+                                        "no fp16 mixed precision on a GPU.", "performance")
+    pin_memory: bool = setting(True, "Pinned-memory batches",
+                               "Build batches in pinned RAM and copy them to the GPU asynchronously: less waiting "
+                               "on copies, costs a little locked RAM. No effect on the CPU.", "performance")
+    compile_unet: bool = setting(False, "Compile the UNet (torch.compile)",
+                                 "Compile the UNet's forward: faster steps after a slow first step (minutes), more "
+                                 "setup time; falls back to the plain UNet where compiling fails.", "performance")
 
     # image processing and prompts
     resolution: int = setting(0, "Max resolution", "Longest bucket side in pixels; 0 uses the model's native one.",

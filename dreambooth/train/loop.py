@@ -8,10 +8,25 @@ Reliability: a save checks the free disk space first and writes every file atomi
 resumed from a save that was cut off after its resume state writes the rest of that save. An out-of-memory error
 stops the run with the settings that would need less memory. ``atomic.fault_point`` calls mark the moments the
 crash tests (``tools/fault_injection.py``) cut a run off at; they do nothing outside those tests.
+
+Speed and memory (each switchable in the config's performance group; the parts live in their own modules):
+latents and text embeddings cached (``caches.py``), the VAE and frozen text encoders offloaded to the CPU when the
+caches make them idle, channels-last UNet, bf16 weights with an fp32 master or stochastic rounding
+(``precision.py``), the optimizer step fused into backward (``fused.py``), pinned-memory batches and an optional
+``torch.compile`` of the UNet (``speed.py``).
+
+No host sync per step: the step path reads no tensor value on the host (no ``.item()``, ``float(tensor)``,
+``bool(tensor)``); losses stay on the device in ``pending_losses`` and are read once per status write
+(:meth:`Trainer._report`). Cache keys are token ids and image paths, which live on the host already.
+
+Previews do not disturb the training memory: every gradient is freed first, sampling runs under ``no_grad`` in
+the training autocast dtype, offloaded modules come to the device only for the previews and leave again, and
+the latent / text caches are kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -27,7 +42,7 @@ import torch
 from safetensors import safe_open
 
 from ..atomic import clean_stale_temps, fault_point
-from ..config import Concept, TrainConfig, load_concepts_file, load_config, save_progress
+from ..config import WEIGHT_METHODS, Concept, TrainConfig, load_concepts_file, load_config, save_progress
 from ..data.dataset import Example, TrainingData
 from ..data.images import IMAGE_EXTENSIONS, list_images
 from ..data.prompts import tokenize_prompts
@@ -45,15 +60,19 @@ from ..sample import (
 )
 from ..store import ModelDir
 from ..working import WEIGHT_NAMES, save_tensors
+from .caches import Offloader, TextEmbeddingCache
 from .ema import EMA
 from .embedding import EmbeddingSettings, TextualInversion, save_embedding
+from .fused import ParamwiseOptimizer, check_fused, install_fused_step
 from .hypernetwork import Hypernetwork, HypernetworkSettings, save_hypernetwork
 from .lora import LoraNetwork, LoraSettings, lora_metadata, save_lora
 from .lora_merge import merged_components
 from .models import TEXT_ENCODER_NAMES, canonical_state, load_canonical, load_models, set_attention
 from .optimizers import OptimizerSettings, make_optimizer
+from .precision import WeightPrecision, check_weight_precision
 from .resume import latest_state, save_state
 from .schedules import make_lr_scheduler
+from .speed import compile_unet, to_device, use_pinned_memory
 from .status import Controls, StatusWriter
 from .step import Batch, StepSettings, compute_loss
 
@@ -145,6 +164,9 @@ class Trainer:
         self.hypernetwork: Hypernetwork | None = None
         self.saves: list[int] = []
         self.previews: list[int] = []
+        self.text_cache: TextEmbeddingCache | None = None
+        self.offloader: Offloader | None = None
+        self.precision = WeightPrecision("fp32", self.cfg.seed)
 
     # ------------------------------------------------------------------------------------------------ outline
     def run(self) -> dict:
@@ -189,9 +211,11 @@ class Trainer:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.text_encoder_steps = math.floor(cfg.text_encoder_ratio * self.total_steps)
         self._set_trainable()
+        self._apply_speed_settings()
         self._make_optimizer()
         if self.opts.resume:
             self._load_resume_state()
+        self._prepare_caches()
         log.info("training %s: %d epochs x %d steps = %d steps", self.model.name, cfg.epochs, self.steps_per_epoch,
                  self.total_steps)
         self.status.update(force=True, state="running", total_steps=self.total_steps, total_epochs=cfg.epochs,
@@ -273,6 +297,62 @@ class Trainer:
         self.unet_params = [p for p in m.unet.parameters() if p.requires_grad]
         self.te_params = [p for te in m.text_encoders for p in te.parameters() if p.requires_grad]
 
+    def _apply_speed_settings(self) -> None:
+        """Memory format, weight precision and compiling, once the trained parameters are known."""
+        cfg, m = self.cfg, self.models
+        self.pinned = use_pinned_memory(cfg.pin_memory, self.device)
+        check_weight_precision(cfg.weight_precision, cfg.mixed_precision, self.device)
+        if cfg.weight_precision != "fp32" and cfg.method not in WEIGHT_METHODS:
+            raise UserError(f"weight precision {cfg.weight_precision} applies to DreamBooth and LoRA training",
+                            f"set weight precision to fp32 for {cfg.method.replace('_', ' ')}")
+        if cfg.channels_last:
+            m.unet.to(memory_format=torch.channels_last)
+        self.precision = WeightPrecision(cfg.weight_precision, cfg.seed)
+        modules = [m.unet, m.vae, *m.text_encoders] + ([self.network] if self.network is not None else [])
+        self.precision.cast_modules(modules, [*self.unet_params, *self.te_params])
+        if cfg.compile_unet:
+            note = compile_unet(m.unet)
+            if note:
+                self.status.update(note=note)
+
+    def _prepare_caches(self) -> None:
+        """The text embedding cache; with offloading, fill the caches up front and move the idle models off."""
+        cfg, m = self.cfg, self.models
+        if cfg.cache_text_embeddings and self.embedding is None:
+            self.text_cache = TextEmbeddingCache(m, cfg.clip_skip, self.autocast, self.device)
+        if not cfg.offload_frozen_models:
+            return
+        if not cfg.cache_latents:
+            log.warning("offloading the VAE needs cached latents (the VAE encodes every step otherwise): it stays")
+        idle: list[torch.nn.Module] = []
+        if cfg.cache_latents:
+            self.status.update(force=True, state="caching", message="caching latents")
+            flips = (False, True) if cfg.hflip else (False,)
+            for ex in self.data.all_examples():
+                for flip in flips:
+                    self._latent(ex, flip)
+            idle.append(m.vae)
+        if self.text_cache is not None:
+            te_frozen = self.step >= self.text_encoder_steps
+            if te_frozen:
+                self._fill_text_cache()
+                idle.extend(m.text_encoders)
+        else:
+            log.warning("offloading the text encoders needs cached text embeddings (and no textual inversion): "
+                        "they stay on the device")
+        self.offloader = Offloader(m, self.device)
+        if idle:
+            self.offloader.offload(idle)
+
+    def _fill_text_cache(self) -> None:
+        """Every example's prompt as written (shuffled tags make new prompts, encoded when they come)."""
+        rng = random.Random(0)  # unused without shuffling; the training RNG streams are not touched
+        for ex in self.data.all_examples():
+            prompt = self._expand(self.data.prompt_for(ex, shuffle=False, keep_tokens=self.cfg.keep_tokens, rng=rng))
+            ids = [tokenize_prompts(tokenizer, [prompt], self.cfg.long_prompts)[0]
+                   for tokenizer in self.models.tokenizers]
+            self.text_cache.get(ids)
+
     def _setup_embedding(self) -> None:
         """Textual inversion: a new word whose vectors are all that trains (everything else stays frozen)."""
         cfg = self.cfg
@@ -313,6 +393,15 @@ class Trainer:
         if note:
             log.warning("%s", note)
             self.status.update(note=note)
+        self.trained_params = [p for g in groups for p in g["params"]]
+        uses_scaler = self.autocast is torch.float16 and self.device.type == "cuda"
+        if cfg.fused_backward_step:
+            check_fused(grad_accumulation=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm,
+                        uses_grad_scaler=uses_scaler, optimizer=cfg.optimizer)
+        if cfg.fused_backward_step or self.precision.bf16:
+            self.optimizer = self._paramwise_optimizer(groups, settings, note)
+        if cfg.fused_backward_step:
+            install_fused_step(self.optimizer)
         self.lr_scheduler = make_lr_scheduler(self.optimizer, cfg.lr_scheduler, self.total_steps,
                                               cfg.lr_warmup_steps, cfg.lr_cycles, cfg.lr_power)
         self.ema = None
@@ -320,8 +409,19 @@ class Trainer:
             self.ema = EMA(m.unet.parameters(), cfg.ema_decay)
         elif cfg.use_ema:
             log.warning("EMA applies to full DreamBooth training of the UNet; it is off for this run")
-        use_scaler = self.autocast is torch.float16 and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.scaler = torch.amp.GradScaler("cuda") if uses_scaler else None
+
+    def _paramwise_optimizer(self, groups: list[dict], settings: OptimizerSettings, note: str | None
+                             ) -> ParamwiseOptimizer:
+        """One optimizer per parameter (fused backward step, bf16 weights), with the same state_dict format."""
+        if self.cfg.optimizer in ("dadaptation", "prodigy"):
+            raise UserError(f"{self.cfg.optimizer} estimates its step size from all parameters together and cannot "
+                            "update them one at a time (bf16 weights, optimizer step in backward)",
+                            "pick adamw, adamw_8bit, lion or adafactor, or set weight precision fp32 and turn "
+                            "'Optimizer step in backward' off")
+        if note and settings.name == "adamw_8bit":  # the fallback is decided (and reported) once, above
+            settings = OptimizerSettings("adamw", settings.weight_decay, settings.betas, settings.eps)
+        return ParamwiseOptimizer(groups, lambda g: make_optimizer(g, settings)[0], self.precision)
 
     def _generate_class_images(self) -> None:
         for index, concept in enumerate(self.concepts):
@@ -353,15 +453,16 @@ class Trainer:
         if state is None:
             log.warning("no resume state in %s: starting from the working weights", self.model.checkpoints)
             return
-        if self.network is not None:
-            self.network.load_kohya_state_dict(state.weights["lora"])
-        elif self.embedding is not None:
-            self.embedding.load_state_dict(state.weights["embedding"])
-        elif self.hypernetwork is not None:
-            self.hypernetwork.load_state_dict(state.weights["hypernetwork"])
-        else:
-            for component, module in self._trained_modules().items():
-                load_canonical(component, module, state.weights[component])
+        with self.precision.full_precision():  # bf16 weights: the fp32 values (masters) are what was saved
+            if self.network is not None:
+                self.network.load_kohya_state_dict(state.weights["lora"])
+            elif self.embedding is not None:
+                self.embedding.load_state_dict(state.weights["embedding"])
+            elif self.hypernetwork is not None:
+                self.hypernetwork.load_state_dict(state.weights["hypernetwork"])
+            else:
+                for component, module in self._trained_modules().items():
+                    load_canonical(component, module, state.weights[component])
         t = state.trainer
         self.optimizer.load_state_dict(t["optimizer"])
         self.lr_scheduler.load_state_dict(t["lr_scheduler"])
@@ -383,6 +484,7 @@ class Trainer:
         settings = StepSettings(cfg.offset_noise, cfg.min_snr_gamma, cfg.prior_loss_weight, cfg.clip_skip,
                                 train_te, self.autocast)
         lrs = [g["lr"] for g in self.optimizer.param_groups]  # the LRs this step uses
+        self.precision.step = self.step  # stochastic rounding draws from (seed, step)
         try:
             for examples in group:
                 batch = self._make_batch(examples, rng)
@@ -391,7 +493,7 @@ class Trainer:
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
                 self.pending_losses.append((self.step + 1, self.epoch, loss.detach() * len(group), lrs))
             fault_point("step")  # test hook: gradients made, weights not yet updated
-            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            params = [p for p in self.trained_params if p.grad is not None]  # none after a fused backward
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
             if cfg.max_grad_norm > 0 and params:
@@ -449,11 +551,15 @@ class Trainer:
             p.requires_grad_(False)
             p.grad = None
         log.info("text encoder training stopped at step %d", self.step)
+        if self.offloader is not None and self.text_cache is not None:
+            self.offloader.offload(list(self.models.text_encoders))  # frozen from now on: the cache stands in
 
     def _make_batch(self, examples: list[Example], rng: random.Random) -> Batch:
         cfg = self.cfg
         flips = [cfg.hflip and rng.random() < 0.5 for _ in examples]
         latents = torch.stack([self._latent(ex, flip) for ex, flip in zip(examples, flips, strict=True)])
+        if cfg.channels_last:
+            latents = latents.contiguous(memory_format=torch.channels_last)
         prompts = [self._expand(self.data.prompt_for(ex, shuffle=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
                                                      rng=rng)) for ex in examples]
         token_ids = []
@@ -463,7 +569,10 @@ class Trainer:
                 log.warning("%s", warning)
             token_ids.append(ids)
         is_class = torch.tensor([ex.is_class for ex in examples])
-        return Batch(latents, token_ids, is_class, [ex.bucket for ex in examples])
+        encoded = None
+        if self.text_cache is not None and self.embedding is None and self.step >= self.text_encoder_steps:
+            encoded = self.text_cache.get(token_ids)  # the text encoders are frozen for this step
+        return Batch(latents, token_ids, is_class, [ex.bucket for ex in examples], encoded)
 
     def _expand(self, prompt: str) -> str:
         """With textual inversion, the new word stands for all of its vectors."""
@@ -475,9 +584,10 @@ class Trainer:
         key = (ex.image, ex.bucket, flip)
         if self.cfg.cache_latents and key in self.latent_cache:
             return self.latent_cache[key]
-        pixels = self.data.load_pixels(ex, flip).to(self.device)[None]
+        pixels = to_device(self.data.load_pixels(ex, flip), self.device, self.pinned)[None]
         vae = self.models.vae
-        latent = vae.encode(pixels).latent_dist.mode()[0] * vae.config.scaling_factor
+        pixels = pixels.to(vae.dtype)  # bf16 with bf16 weights; the latent is kept in fp32 either way
+        latent = vae.encode(pixels).latent_dist.mode()[0].float() * vae.config.scaling_factor
         self.vae_encodes += 1
         if self.cfg.cache_latents:
             self.latent_cache[key] = latent
@@ -498,6 +608,10 @@ class Trainer:
         return out
 
     def _trained_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        with self.precision.full_precision():  # bf16 weights are saved from their fp32 values (masters)
+            return self._trained_weights_now()
+
+    def _trained_weights_now(self) -> dict[str, dict[str, torch.Tensor]]:
         if self.network is not None:
             return {"lora": {k: v.detach().cpu() for k, v in self.network.kohya_state_dict().items()}}
         if self.embedding is not None:
@@ -707,6 +821,15 @@ class Trainer:
             self.status.update(last_export=str(dest))
 
     def _preview(self) -> None:
+        for p in self.trained_params:
+            p.grad = None  # free every gradient before sampling (set_grads_to_none off keeps zeroed ones otherwise)
+        on_device = self.offloader.on_device() if self.offloader is not None else contextlib.nullcontext()
+        autocast = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else \
+            contextlib.nullcontext()
+        with on_device, autocast:
+            self._make_previews()
+
+    def _make_previews(self) -> None:
         cfg, m = self.cfg, self.models
         scheduler = make_scheduler(cfg.sample_scheduler, m.scheduler_config)
         pipe = build_pipeline(m.family.id, m.modules_for_pipeline(), scheduler)

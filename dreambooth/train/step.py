@@ -24,6 +24,8 @@ class Batch:
     token_ids: list[torch.Tensor]  # one [B, 77*n] tensor per tokenizer
     is_class: torch.Tensor  # [B] bool: prior-preservation examples
     sizes: list[tuple[int, int]]  # (width, height) in pixels, for SDXL's time ids
+    # the text conditioning (hidden, pooled) from the text embedding cache; None: encode token_ids in the step
+    encoded: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
 
 @dataclass
@@ -69,8 +71,11 @@ def compute_loss(models: Models, batch: Batch, settings: StepSettings, generator
     autocast = torch.autocast(device.type, dtype=settings.autocast_dtype) if settings.autocast_dtype \
         else nullcontext()
     with autocast:
-        with torch.set_grad_enabled(settings.train_text_encoder and torch.is_grad_enabled()):
-            hidden, pooled = encode_tokens(models, batch.token_ids, settings.clip_skip)
+        if batch.encoded is not None:
+            hidden, pooled = batch.encoded
+        else:
+            with torch.set_grad_enabled(settings.train_text_encoder and torch.is_grad_enabled()):
+                hidden, pooled = encode_tokens(models, batch.token_ids, settings.clip_skip)
         added = None
         if models.is_sdxl:
             added = {"text_embeds": pooled, "time_ids": sdxl_time_ids(batch.sizes, device, hidden.dtype)}

@@ -25,6 +25,8 @@ from .output import LossLog, load_previews, log_tail, loss_svg, message_html, ne
 
 log = logging.getLogger(__name__)
 
+NO_PROFILE = "(keep my settings)"
+PROFILE_CHOICES = (NO_PROFILE, "fits in 6 GB", "fits in 8 GB", "fastest")  # profiles.PROFILES, without importing it
 GALLERY_SIZE = 8  # newest previews shown
 LOG_LINES = 12  # worker log lines shown (gradio 3 shows a textbox from its top, so no more than fit)
 
@@ -150,6 +152,20 @@ class TabHandlers:
         estimate = estimate_steps(cfg.concepts, cfg.epochs, cfg.train_batch_size, cfg.gradient_accumulation_steps,
                                   cfg.concepts_list_file)
         return steps_html(estimate.text)
+
+    def apply_profile(self, name: str | None, profile: str | None, *values: Any) -> list[Any]:
+        """[memory line, *control values]: the form with a memory profile's settings applied (nothing is written),
+        and the estimated peak memory of training with them. No profile picked: the form as it is, estimated."""
+        from ..profiles import apply_profile, estimate_memory, profile_summary
+
+        base = load_config(self.model(name).path) if name and str(name).strip() else TrainConfig()
+        cfg = values_to_config(list(values), self.controls, base)
+        if profile and profile in PROFILE_CHOICES[1:]:
+            text = profile_summary(cfg, profile)
+            cfg = apply_profile(cfg, profile)
+        else:
+            text = estimate_memory(cfg).text()
+        return [memory_html(text), *config_to_values(cfg, self.controls)]
 
     # ------------------------------------------------------------------------------------------------ models
     def model_choices(self) -> list[str]:
@@ -354,6 +370,10 @@ class TabHandlers:
 
 def _escape(text: str) -> str:
     return html.escape(text, quote=False)
+
+
+def memory_html(text: str) -> str:
+    return f"<div class='db-memory'>{_escape(text)}</div>"
 
 
 def steps_html(text: str) -> str:

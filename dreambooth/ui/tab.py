@@ -14,7 +14,7 @@ from typing import Any
 
 from . import compat
 from .form import CONCEPT_GROUPS, CONCEPT_PANELS, SETTING_GROUPS, Control, shown_for_method
-from .handlers import LOG_LINES, Host, TabHandlers, guarded, steps_html
+from .handlers import LOG_LINES, NO_PROFILE, PROFILE_CHOICES, Host, TabHandlers, guarded, steps_html
 from .output import loss_svg, message_html, status_html
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,13 @@ def build_tab(host: Host) -> Any:
                         create = compat.make(gr.Button, value="Create model", variant="primary",
                                              elem_id="dreambooth_create")
                     with gr.Tab("Settings", id="dreambooth_settings_tab", elem_id="dreambooth_settings_tab"):
+                        with gr.Row():
+                            profile = compat.dropdown(list(PROFILE_CHOICES), NO_PROFILE, custom=False,
+                                                      label="Memory profile",
+                                                      info="sets the memory and speed settings below; the memory "
+                                                           "shown is an estimate",
+                                                      elem_id="dreambooth_memory_profile")
+                            memory_line = compat.make(gr.HTML, value="", elem_id="dreambooth_memory")
                         grouped = _group_controls([c for c in config_controls if c.spec.group != "concepts"],
                                                   SETTING_GROUPS)
                         groups: dict[str, Any] = {}
@@ -197,6 +204,9 @@ def build_tab(host: Host) -> Any:
 
         compat.on(made["dbt_method"].change, show_for, [made["dbt_method"]],
                   [made[c.elem_id] for c in dependent] + [a for a, _ in method_groups], queue=False)
+
+        compat.on(profile.change, guard(1 + len(values))(handlers.apply_profile), [model, profile, *values],
+                  [memory_line, *values], queue=False)
 
         step_inputs = [made["dbt_epochs"], made["dbt_train_batch_size"], made["dbt_gradient_accumulation_steps"],
                        made["dbt_concepts_list_file"]]

@@ -1,0 +1,121 @@
+"""bf16 weights: the ``weight_precision`` setting.
+
+* ``fp32``: nothing changes; the weights stay in 32 bits.
+* ``bf16_master``: every module (UNet, VAE, text encoders, LoRA) is stored in bf16; each *trained* parameter has
+  an fp32 master copy that the optimizer updates, copied back (rounded to nearest) into the bf16 weight after each
+  update. Same optimizer math as fp32; saves activation and frozen-model memory, not trainable-weight memory.
+* ``bf16_stochastic``: everything in bf16 and no fp32 copy of anything. Each update is computed in fp32 for one
+  parameter at a time (a transient copy) and written back with :func:`stochastic_round`: bf16 = the fp32 value
+  plus random bits in the 16 mantissa bits bf16 drops, then truncated. The rounding is unbiased on average, so
+  updates smaller than a bf16 step still move the weight in expectation. The random bits come from a generator
+  seeded from (seed, step, parameter index), so a resumed run repeats an uninterrupted one exactly.
+
+Saving: :meth:`WeightPrecision.full_precision` points each trained weight at its fp32 value for a ``with`` block
+(the master in bf16_master mode, an exact fp32 upcast in bf16_stochastic mode), so saved resume states and working
+weights stay fp32 files and exports use the export settings' dtype as before; loading a resume state goes through
+the same block, filling the masters.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+WEIGHT_PRECISIONS = ("fp32", "bf16_master", "bf16_stochastic")
+
+
+def check_weight_precision(mode: str, mixed_precision: str, device: torch.device) -> None:
+    """Refuse bf16 weights where they cannot work, naming the setting to change."""
+    if mode not in WEIGHT_PRECISIONS:
+        raise UserError(f"unknown weight precision {mode!r}", f"pick one of: {', '.join(WEIGHT_PRECISIONS)}")
+    if mode == "fp32":
+        return
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"weight precision {mode} needs a GPU with bf16 support and this one has none",
+                        "set weight precision to fp32")
+    if mixed_precision != "bf16":
+        raise UserError(f"weight precision {mode} stores the weights in bf16, which needs bf16 mixed precision "
+                        f"(now {mixed_precision})", "set mixed precision to bf16, or weight precision to fp32")
+
+
+def stochastic_round(value: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``value`` (fp32) rounded to bf16 stochastically: add uniform random bits below bf16's mantissa, truncate.
+
+    The result is one of the two bf16 neighbours of each value, the upper one with probability equal to the
+    distance from the lower one over the gap, so ``E[stochastic_round(x)] == x``. Deterministic given the
+    generator's state (the random bits are drawn on the generator's device, which must be ``value``'s).
+    """
+    value = value.detach().float().contiguous()
+    bits = value.view(torch.int32)
+    noise = torch.randint(0, 1 << 16, value.shape, generator=generator, dtype=torch.int32, device=value.device)
+    finite = torch.isfinite(value)
+    rounded = (bits + noise) & -65536  # keep sign, exponent and the 7 bf16 mantissa bits
+    rounded = torch.where(finite, rounded, bits)  # inf / nan pass through (truncated below)
+    return rounded.view(torch.float32).to(torch.bfloat16)
+
+
+def round_generator(seed: int, step: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of parameter ``index``'s stochastic rounding at optimizer step ``step``, on ``device``."""
+    return torch.Generator(device=device).manual_seed(((seed * 1_000_003 + step) * 65_537 + index) % 2**63)
+
+
+class WeightPrecision:
+    """Holds the masters (bf16_master) and does the casts; one per run."""
+
+    def __init__(self, mode: str, seed: int) -> None:
+        self.mode = mode
+        self.seed = seed
+        self.masters: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self.trained: list[torch.nn.Parameter] = []
+        self.step = 0  # the optimizer step the next rounding belongs to (set by the trainer)
+
+    @property
+    def bf16(self) -> bool:
+        return self.mode != "fp32"
+
+    def cast_modules(self, modules: Iterable[torch.nn.Module], trained: list[torch.nn.Parameter]) -> None:
+        """Store ``modules`` in bf16; in bf16_master mode keep an fp32 master of each ``trained`` parameter first."""
+        if not self.bf16:
+            return
+        self.trained = list(trained)
+        if self.mode == "bf16_master":
+            self.masters = {p: p.detach().float().clone() for p in self.trained}
+        for module in modules:
+            module.to(torch.bfloat16)
+        log.info("weights stored in bf16 (%s)", self.mode)
+
+    def value(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """The tensor the optimizer updates for ``param``: its master, else the parameter itself."""
+        return self.masters.get(param, param)
+
+    @torch.no_grad()
+    def write_back(self, param: torch.nn.Parameter, updated: torch.Tensor, index: int) -> None:
+        """Put the fp32 ``updated`` value into the bf16 ``param``: nearest (master mode) or stochastic rounding."""
+        if self.mode == "bf16_master":
+            param.copy_(updated)
+        else:
+            param.copy_(stochastic_round(updated, round_generator(self.seed, self.step, index, param.device)))
+
+    @contextmanager
+    def full_precision(self, params: Iterable[torch.nn.Parameter] | None = None) -> Iterator[None]:
+        """Within the block each trained parameter *is* its fp32 value (for saving and loading weights)."""
+        if not self.bf16:
+            yield
+            return
+        params = list(self.trained if params is None else params)
+        with torch.no_grad():
+            for p in params:
+                p.data = self.masters[p] if p in self.masters else p.data.float()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p in params:
+                    p.data = p.data.to(torch.bfloat16)  # exact for stochastic mode (its values are bf16 values)
