@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dreambooth.profiles import PROFILES
+
 FAMILY_NAMES = {"sd1": "sd15", "sd2v": "sd21v", "sdxl": "sdxl"}  # dreambooth family id -> name in the table
 
 OURS_PROFILES = ("ours-default", "ours-lowmem", "ours-fast")
+OURS_TAB_PROFILES = {"ours-lowmem": "fits in 6 GB", "ours-fast": "fastest"}  # the memory profiles they run
 BASELINE_VARIANTS = ("baseline-default", "baseline-lowmem")
 
 
@@ -52,25 +55,21 @@ MATRICES: dict[str, tuple[str, tuple[Case, ...]]] = {
 
 
 def profile_overrides(profile: str, *, eight_bit: bool, compile_unet: bool) -> dict[str, object]:
-    """The TrainConfig settings a profile of ours sets (on top of the harness's own, see ``ours.py``).
+    """The TrainConfig settings a profile of ours sets (on top of the harness's own, see ``ours.py``): the tab's
+    memory profiles (``dreambooth/profiles.py``) as they are, less the batch size, which each case sets.
 
     ``eight_bit``: bitsandbytes works on this device (else lowmem uses torch AdamW and the row says so).
     """
     if profile == "ours-default":
         return {}
-    if profile == "ours-lowmem":
-        return {"cache_latents": True, "cache_text_embeddings": True, "offload_frozen_models": True,
-                "weight_precision": "bf16_stochastic", "fused_backward_step": True, "gradient_checkpointing": True,
-                "optimizer": "adamw_8bit" if eight_bit else "adamw", "attention": "sdp", "mixed_precision": "bf16",
-                "set_grads_to_none": True}
-    if profile == "ours-fast":
-        overrides: dict[str, object] = {
-            "weight_precision": "bf16_master", "mixed_precision": "bf16", "gradient_checkpointing": False,
-            "channels_last": True, "cache_latents": True, "cache_text_embeddings": True, "attention": "sdp"}
-        if compile_unet:
-            overrides["compile_unet"] = True
-        return overrides
-    raise ValueError(f"unknown profile {profile!r}")
+    if profile not in OURS_TAB_PROFILES:
+        raise ValueError(f"unknown profile {profile!r}")
+    overrides = {k: v for k, v in PROFILES[OURS_TAB_PROFILES[profile]].settings.items() if k != "train_batch_size"}
+    if overrides.get("optimizer") == "adamw_8bit" and not eight_bit:
+        overrides["optimizer"] = "adamw"
+    if "compile_unet" in overrides:
+        overrides["compile_unet"] = compile_unet
+    return overrides
 
 
 @dataclass(frozen=True)
