@@ -472,4 +472,7 @@ def load_concepts_file(path: str | Path) -> list[Concept]:
     if not isinstance(data, list):
         raise ConfigError(f"concepts list file {path}: expected a JSON list of concepts, got {type(data).__name__}",
                           "wrap the concepts in [ ... ]")
-    return [concept_from_dict(c, f"{path.name}[{i}]") for i, c in enumerate(data)]
+    try:
+        return [concept_from_dict(c, f"{path.name}[{i}]") for i, c in enumerate(data)]
+    except ConfigError as err:
+        raise ConfigError(err.message, f"fix the value in {path}") from None

@@ -12,6 +12,7 @@ crash tests (``tools/fault_injection.py``) cut a run off at; they do nothing out
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -33,6 +34,7 @@ from ..data.images import IMAGE_EXTENSIONS, list_images
 from ..data.prompts import tokenize_prompts
 from ..errors import UserError
 from ..export import EXPORT_DTYPES, export_checkpoint
+from ..families import get_family
 from ..lock import acquire, acquire_device, device_key
 from ..sample import (
     SampleRequest,
@@ -183,6 +185,7 @@ class Trainer:
     def _setup(self) -> None:
         cfg = self.cfg
         self.concepts = resolve_concepts(cfg)
+        self._check_instance_images()
         self.models = load_models(self.model.working, cfg.family)
         self.resolution = cfg.resolution or self.models.family.resolution
         self.autocast = autocast_dtype(cfg.mixed_precision, self.device)
@@ -206,6 +209,13 @@ class Trainer:
                  self.total_steps)
         self.status.update(force=True, state="running", total_steps=self.total_steps, total_epochs=cfg.epochs,
                            step=self.step, epoch=self.epoch, attention=self.attention)
+
+    def _check_instance_images(self) -> None:
+        """Refuse missing folders and unusable images or captions before the models load (seconds, on a big model);
+        the class images are checked once they exist."""
+        concepts = [dataclasses.replace(c, num_class_images_per=0) for c in self.concepts]
+        TrainingData(concepts, self.cfg.resolution or get_family(self.cfg.family).resolution,
+                     enable_buckets=self.cfg.enable_buckets, seed=self.cfg.seed)
 
     def _train(self) -> None:
         cfg = self.cfg
