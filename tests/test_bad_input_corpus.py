@@ -313,7 +313,8 @@ _IMAGES = [
 _CAPTIONS = [
     Case("caption-not-utf8", "captions", r"caption file .* is not UTF-8 text",
          training(with_caption(b"\xff\xfe\xfa\xfb a dog"))),
-    Case("caption-empty-with-filewords-only", "captions", r"prompt of .* is empty.*caption",
+    Case("caption-empty-with-filewords-only", "captions",
+         r"training prompt of .*disc_00\.png is empty.*write the captions",
          training(lambda w: (with_caption(b"")(w), w.set_concept(instance_prompt="[filewords]", instance_token="",
                                                                   class_token="")))),
     Case("caption-oversized", "captions", r"caption file .* bytes long; the limit is",

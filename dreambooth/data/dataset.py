@@ -83,11 +83,8 @@ class TrainingData:
             raise UserError(f"{name}: {err.message}", err.hint) from None
         examples = self._scan(paths, index, concept.instance_prompt, is_class=False)
         if not examples:
-            reason = self._first_reason(paths)
-            hint = ("write the captions into the .txt files beside the images, or set an instance prompt"
-                    if reason.startswith("the prompt of") else "fix or replace the images listed in the log")
             raise UserError(f"{name}: none of the {len(paths)} images in {concept.instance_data_dir} can be used "
-                            f"({reason})", hint)
+                            f"({self._first_reason(paths)})", "fix or replace the images listed in the log")
         return examples
 
     def _scan_classes(self, index: int, concept: Concept, override: Path | None) -> list[Example]:
@@ -126,15 +123,7 @@ class TrainingData:
                 continue
             bucket = (choose_bucket(width, height, self.buckets) if self.enable_buckets
                       else (self.resolution, self.resolution))
-            caption = read_caption(path)
-            concept = self.concepts[index]
-            if not build_prompt(template, caption, "" if is_class else concept.instance_token, concept.class_token):
-                reason = (f"the prompt of {path.name} is empty (the prompt {template!r} with its caption "
-                          f"{caption!r})")
-                self.skipped.append((path, reason))
-                log.warning("skipping %s image %s: %s", "class" if is_class else "instance", path, reason)
-                continue
-            examples.append(Example(path, template, caption, index, is_class, bucket))
+            examples.append(Example(path, template, read_caption(path), index, is_class, bucket))
         return examples
 
     # ------------------------------------------------------------------------------------------------- epochs

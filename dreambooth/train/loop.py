@@ -29,6 +29,7 @@ from safetensors import safe_open
 
 from ..atomic import clean_stale_temps, fault_point
 from ..config import Concept, TrainConfig, load_concepts_file, load_config, save_progress
+from ..data.captions import build_prompt
 from ..data.dataset import Example, TrainingData
 from ..data.images import IMAGE_EXTENSIONS, list_images
 from ..data.prompts import tokenize_prompts
@@ -214,8 +215,15 @@ class Trainer:
         """Refuse missing folders and unusable images or captions before the models load (seconds, on a big model);
         the class images are checked once they exist."""
         concepts = [dataclasses.replace(c, num_class_images_per=0) for c in self.concepts]
-        TrainingData(concepts, self.cfg.resolution or get_family(self.cfg.family).resolution,
-                     enable_buckets=self.cfg.enable_buckets, seed=self.cfg.seed)
+        data = TrainingData(concepts, self.cfg.resolution or get_family(self.cfg.family).resolution,
+                            enable_buckets=self.cfg.enable_buckets, seed=self.cfg.seed)
+        for ex in data.all_examples():
+            concept = concepts[ex.concept]
+            if not build_prompt(ex.caption_template, ex.caption, concept.instance_token, concept.class_token):
+                raise UserError(f"the training prompt of {ex.image} is empty (the prompt {ex.caption_template!r} "
+                                f"with its caption {ex.caption!r})",
+                                "write the captions into the .txt files beside the images, or set an instance "
+                                "prompt or instance token")
 
     def _train(self) -> None:
         cfg = self.cfg
