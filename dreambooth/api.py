@@ -53,6 +53,7 @@ REALM = "dreambooth"
 MANAGED_FIELDS = ("model_name", "family", "source_checkpoint", "source_sha256", "revision", "epochs_trained")
 EXPORT_DTYPES = ("keep", "fp16", "fp32", "bf16")
 EXPORT_EMA = ("none", "main", "both")
+MAX_BODY_BYTES = 1024 * 1024  # a JSON body of settings; more is a mistake or an attack on the host's memory
 
 Authenticator = Callable[[str, str], bool]
 
@@ -164,7 +165,12 @@ def _route_class(authenticate: Authenticator | None) -> type[APIRoute]:
 
 
 async def _json_object(request: Request, allowed: Iterable[str], *, required: bool = True) -> dict[str, Any]:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:  # refused before it is read
+        raise _too_large(int(declared))
     body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise _too_large(len(body))
     if not body.strip():
         if required:
             raise ApiError(400, "the request needs a JSON object body", "send Content-Type: application/json")
@@ -182,6 +188,11 @@ async def _json_object(request: Request, allowed: Iterable[str], *, required: bo
         if unknown:
             raise ApiError(400, f"unknown field(s) {', '.join(unknown)}", f"known fields: {', '.join(allowed)}")
     return data
+
+
+def _too_large(size: int) -> ApiError:
+    return ApiError(413, f"the request body is {size:,} bytes; the limit is {MAX_BODY_BYTES:,}",
+                    "send only the settings (a config is a few KB); images and checkpoints go into their folders")
 
 
 def _field(data: dict[str, Any], key: str, kind: type, default: Any = None, *, required: bool = False,

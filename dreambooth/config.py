@@ -185,6 +185,10 @@ class TrainConfig:
     gradient_accumulation_steps: int = setting(1, "Gradient accumulation steps",
                                                "Steps whose gradients are summed before one optimizer update.",
                                                "batching", minimum=1, maximum=1024)
+    oom_retry_smaller_batch: bool = setting(False, "On out of memory, retry with a smaller batch",
+                                            "When a step runs out of memory with a batch above 1, halve the batch "
+                                            "and double the gradient accumulation (same effective batch) and go on "
+                                            "from that step, instead of stopping.", "batching")
     gradient_checkpointing: bool = setting(True, "Gradient checkpointing",
                                            "Recompute activations in backward: much less memory, ~20% slower.",
                                            "batching")
@@ -527,4 +531,7 @@ def load_concepts_file(path: str | Path) -> list[Concept]:
     if not isinstance(data, list):
         raise ConfigError(f"concepts list file {path}: expected a JSON list of concepts, got {type(data).__name__}",
                           "wrap the concepts in [ ... ]")
-    return [concept_from_dict(c, f"{path.name}[{i}]") for i, c in enumerate(data)]
+    try:
+        return [concept_from_dict(c, f"{path.name}[{i}]") for i, c in enumerate(data)]
+    except ConfigError as err:
+        raise ConfigError(err.message, f"fix the value in {path}") from None

@@ -83,6 +83,16 @@ def _check_config(model: ModelDir) -> None:
                           "add a concept with an instance images folder and prompt")
 
 
+def _check_device_free(model: ModelDir, device: str | None) -> None:
+    """Refuse a start on a GPU another model trains on now (the worker takes the device lock itself; this only
+    answers at once instead of through a failed run)."""
+    key = lock.device_key(device)
+    busy = lock.device_holder(model.path.parent, key)
+    if busy is not None and busy.get("model") != model.name:
+        raise AlreadyRunning(f"{key} is busy: model {busy.get('model')!r} is training on it (pid {busy['pid']})",
+                             "wait for that training to finish or cancel it, or pick another GPU")
+
+
 def _worker_env(token: str) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("PYTHONSAFEPATH", None)  # it would keep the working dir (our package's parent) off sys.path
@@ -107,6 +117,7 @@ def start(model: ModelDir, *, models_root: Path, resume: bool = False, device: s
         raise UserError(f"attention default {attention_default!r} is not one of {', '.join(choices)}",
                         "fix the host's attention setting")
     _check_config(model)
+    _check_device_free(model, device)
     try:
         held = lock.acquire(model.path)
     except lock.Locked as err:

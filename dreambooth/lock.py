@@ -9,6 +9,8 @@ belongs to another process, which the process start time written beside the pid 
 Hand-over to a worker: the launcher (:mod:`jobs`) acquires the lock before it starts the worker process, writes the
 worker's pid into it, and passes the lock's ``token`` in ``$DREAMBOOTH_LOCK_TOKEN``; a worker that calls
 :func:`acquire` itself takes over a lock carrying the token it was given, without a warning.
+
+The same mechanism locks a GPU: :func:`acquire_device` (``<store>/.locks/<device>.lock``), one training per GPU.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -207,9 +211,22 @@ def acquire(model_dir_path: str | os.PathLike[str], *, token: str | None = None,
     ``token`` (by default ``$DREAMBOOTH_LOCK_TOKEN``: the launcher handed it to this worker) is taken over quietly.
     """
     path = lock_path(model_dir_path)
+    name = Path(model_dir_path).name
+
+    def refuse(current: dict[str, Any], where: str) -> Locked:
+        return Locked(f"model {name!r} is already training (pid {current['pid']}{where})",
+                      f"wait for it to finish or cancel it; if no training runs, delete {path}", current)
+
     handed = token if token is not None else os.environ.get(TOKEN_ENV) or None
+    return _acquire(path, handed, attempts, {}, refuse, "training lock")
+
+
+def _acquire(path: Path, handed: str | None, attempts: int, extra: dict[str, Any],
+             refuse: Callable[[dict[str, Any], str], Locked], what: str) -> Lock:
+    """Create the lock file ``path`` (content: this process, plus ``extra``), taking over a stale or unreadable
+    one and one that carries the token ``handed``; a live holder's lock raises ``refuse(holder, where)``."""
     for _ in range(attempts):
-        info = _content(os.getpid(), handed or secrets.token_hex(16))
+        info = {**_content(os.getpid(), handed or secrets.token_hex(16)), **extra}
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
@@ -226,10 +243,8 @@ def acquire(model_dir_path: str | os.PathLike[str], *, token: str | None = None,
             write_json(path, info)
             return Lock(path, info)
         if current is not None and _live(current):
-            name = Path(model_dir_path).name
             where = "" if current.get("host") in (None, socket.gethostname()) else f" on {current['host']}"
-            raise Locked(f"model {name!r} is already training (pid {current['pid']}{where})",
-                         f"wait for it to finish or cancel it; if no training runs, delete {path}", current)
+            raise refuse(current, where)
         if current is None:
             if not path.exists():
                 continue  # released between our two looks: try again
@@ -238,14 +253,85 @@ def acquire(model_dir_path: str | os.PathLike[str], *, token: str | None = None,
                 time.sleep(0.2)  # possibly being written right now by another acquire: look again
                 if _read(path) is not None or not path.exists():
                     continue
-            log.warning("taking over the unreadable training lock %s", path)
+            log.warning("taking over the unreadable %s %s", what, path)
         else:
-            log.warning("taking over the stale training lock %s of pid %s (started %s), which is no longer running",
-                        path, current["pid"], time.strftime("%Y-%m-%d %H:%M:%S",
-                                                            time.localtime(current.get("started_at") or 0)))
+            log.warning("taking over the stale %s %s of pid %s (started %s), which is no longer running",
+                        what, path, current["pid"], time.strftime("%Y-%m-%d %H:%M:%S",
+                                                                  time.localtime(current.get("started_at") or 0)))
         _remove_if_unchanged(path, current)
-    raise StoreError(f"could not take the training lock {path}: it keeps changing",
-                     "another process is starting a training of this model; try again")
+    raise StoreError(f"could not take the {what} {path}: it keeps changing",
+                     "another process is starting a training there; try again")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one training per GPU
+#
+# Besides its model dir's lock, a worker on a GPU takes ``<store>/.locks/<device>.lock`` (the store is
+# ``<models root>/dreambooth``), so two trainings never share one GPU's memory: the second is refused, naming the
+# model that trains there. CPU runs take no device lock: they share the machine's RAM and cores like any other
+# program, and the per-model lock already keeps one run per model.
+
+LOCKS_FOLDER = ".locks"
+
+
+def device_key(device: str | None) -> str | None:
+    """The physical device a torch device string trains on (``cuda:0``, ``mps:0``), or None for the CPU.
+
+    ``cuda`` without an index is the current CUDA device (0 when CUDA cannot be asked); with
+    ``$CUDA_VISIBLE_DEVICES`` set, the index is mapped through it, so two processes that see different subsets of
+    the GPUs still lock the same physical one.
+    """
+    if device is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        device = "cuda"
+    kind, _, index = str(device).strip().lower().partition(":")
+    if kind == "cpu" or not kind:
+        return None
+    if not index:
+        index = "0"
+        if kind == "cuda":
+            import torch
+
+            if torch.cuda.is_available():
+                index = str(torch.cuda.current_device())
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if kind == "cuda" and visible and index.isdigit():
+        parts = [p.strip() for p in visible.split(",") if p.strip()]
+        if int(index) < len(parts):
+            index = parts[int(index)]
+    return f"{kind}:{index}"
+
+
+def device_lock_path(store: str | os.PathLike[str], key: str) -> Path:
+    return Path(store) / LOCKS_FOLDER / (re.sub(r"[^A-Za-z0-9._-]", "_", key) + ".lock")
+
+
+def device_holder(store: str | os.PathLike[str], key: str | None) -> dict[str, Any] | None:
+    """The device lock's content ({pid, model, device, ...}) while a live process trains on ``key``, else None."""
+    if key is None:
+        return None
+    info = _read(device_lock_path(store, key))
+    if info is None or not _live(info):
+        return None
+    return info
+
+
+def acquire_device(store: str | os.PathLike[str], key: str, model_name: str, *, attempts: int = 5) -> Lock:
+    """Take the lock of the device ``key`` (see :func:`device_key`) for a training of ``model_name``, or raise
+    :class:`Locked` naming the model that trains there. A stale one (its process is gone) is taken over."""
+    path = device_lock_path(store, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def refuse(current: dict[str, Any], where: str) -> Locked:
+        other = current.get("model") or "another model"
+        return Locked(f"{key} is busy: model {other!r} is training on it (pid {current['pid']}{where})",
+                      f"wait for that training to finish or cancel it, or train on another GPU (device setting, "
+                      f"e.g. --device cuda:1); if nothing trains there, delete {path}", current)
+
+    return _acquire(path, None, attempts, {"model": model_name, "device": key}, refuse, "device lock")
 
 
 def _age(path: Path) -> float | None:

@@ -24,6 +24,7 @@ from ..errors import UserError
 FILEWORDS = "[filewords]"
 INSTANCE_PLACEHOLDER = "[instance_token]"
 CLASS_PLACEHOLDER = "[class_token]"
+MAX_CAPTION_BYTES = 64 * 1024  # a caption is a line or two; far more is the wrong file (and would stall tokenizing)
 
 _LEADING_NUMBER = re.compile(r"^\s*(?:\(\d+\)|\d+(?=[-_.\s])[-_.\s]*)\s*")
 _TRAILING_COPY = re.compile(r"\s*\(\d+\)\s*$")
@@ -45,6 +46,11 @@ def read_caption(image_path: Path) -> str:
     sidecar = image_path.with_suffix(".txt")
     if sidecar.is_file():
         try:
+            size = sidecar.stat().st_size
+            if size > MAX_CAPTION_BYTES:
+                raise UserError(f"caption file {sidecar} is {size:,} bytes long; the limit is {MAX_CAPTION_BYTES:,}",
+                                "a caption is a short text (CLIP reads 75 tokens); check that it is the right file "
+                                "and shorten it")
             return sidecar.read_text(encoding="utf-8-sig").strip()
         except UnicodeDecodeError:
             raise UserError(f"caption file {sidecar} is not UTF-8 text",

@@ -27,6 +27,7 @@ the latent / text caches are kept.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -43,12 +44,14 @@ from safetensors import safe_open
 
 from ..atomic import clean_stale_temps, fault_point
 from ..config import WEIGHT_METHODS, Concept, TrainConfig, load_concepts_file, load_config, save_progress
+from ..data.captions import build_prompt
 from ..data.dataset import Example, TrainingData
 from ..data.images import IMAGE_EXTENSIONS, list_images
 from ..data.prompts import tokenize_prompts
 from ..errors import UserError
 from ..export import EXPORT_DTYPES, export_checkpoint
-from ..lock import acquire
+from ..families import get_family
+from ..lock import acquire, acquire_device, device_key
 from ..sample import (
     SampleRequest,
     build_pipeline,
@@ -84,6 +87,7 @@ NAN_HINT = ("lower the learning rate, use bf16 instead of fp16 mixed precision, 
 DISK_MARGIN = 1.1  # a save needs the bytes of what it writes plus this margin (headers, file system overhead)
 _OOM_TYPES = tuple({t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
                     if t is not None})
+OOM_ENV = "DREAMBOOTH_OOM_AT"
 _OOM_TEXTS = ("out of memory", "can't allocate memory")  # CUDA / MPS / HIP, and torch's DefaultCPUAllocator
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                       "BOOL": 1}
@@ -144,18 +148,23 @@ class Trainer:
         self.cfg = load_config(model.path)
         # one run per model dir; takes over the lock jobs.start handed to this worker ($DREAMBOOTH_LOCK_TOKEN)
         self.lock = acquire(model.path)
+        self.device_lock = None
         try:
             self.device = pick_device(self.opts.device)
+            key = device_key(str(self.device))  # one training per GPU; None on the CPU
+            if key is not None:
+                self.device_lock = acquire_device(model.path.parent, key, model.name)
             if self.device.type == "cpu":
                 torch.set_flush_denormal(True)  # tiny values otherwise slow CPU math down by orders of magnitude
             self.controls = Controls(model, self.opts.install_signal_handlers)
             self.status = StatusWriter(model, self.device)
         except BaseException:
-            self.lock.release()
+            self._release_locks()
             raise
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
+        self.micro_batch = self.cfg.train_batch_size  # images per forward pass; an out-of-memory retry halves it
         self.latent_cache: dict[tuple[Path, tuple[int, int], bool], torch.Tensor] = {}
         self.vae_encodes = 0  # how many images went through the VAE (a cache hit adds none)
         self.base_revision = self.cfg.revision  # steps trained before this run
@@ -180,7 +189,9 @@ class Trainer:
                     self._save()  # a failing save here ends as "failed", below
                 self._finish("cancelled", f"cancelled at step {self.step}")
             else:
-                self._finish("done", "training complete")
+                lowered = "" if self.micro_batch == self.cfg.train_batch_size else \
+                    f" (with batch {self.micro_batch} after running out of memory)"
+                self._finish("done", f"training complete{lowered}")
         except UserError as err:
             self._finish("failed", str(err))
             raise
@@ -190,12 +201,18 @@ class Trainer:
         finally:
             self.controls.close()
             self.status.close()
-            self.lock.release()
+            self._release_locks()
         return self.status.status
+
+    def _release_locks(self) -> None:
+        if self.device_lock is not None:
+            self.device_lock.release()
+        self.lock.release()
 
     def _setup(self) -> None:
         cfg = self.cfg
         self.concepts = resolve_concepts(cfg)
+        self._check_instance_images()
         self.models = load_models(self.model.working, cfg.family)
         self.resolution = cfg.resolution or self.models.family.resolution
         self.autocast = autocast_dtype(cfg.mixed_precision, self.device)
@@ -215,11 +232,26 @@ class Trainer:
         self._make_optimizer()
         if self.opts.resume:
             self._load_resume_state()
+            self.status.truncate_loss_log(self.step)  # the steps after it are trained (and logged) again
         self._prepare_caches()
         log.info("training %s: %d epochs x %d steps = %d steps", self.model.name, cfg.epochs, self.steps_per_epoch,
                  self.total_steps)
         self.status.update(force=True, state="running", total_steps=self.total_steps, total_epochs=cfg.epochs,
                            step=self.step, epoch=self.epoch, attention=self.attention)
+
+    def _check_instance_images(self) -> None:
+        """Refuse missing folders and unusable images or captions before the models load (seconds, on a big model);
+        the class images are checked once they exist."""
+        concepts = [dataclasses.replace(c, num_class_images_per=0) for c in self.concepts]
+        data = TrainingData(concepts, self.cfg.resolution or get_family(self.cfg.family).resolution,
+                            enable_buckets=self.cfg.enable_buckets, seed=self.cfg.seed)
+        for ex in data.all_examples():
+            concept = concepts[ex.concept]
+            if not build_prompt(ex.caption_template, ex.caption, concept.instance_token, concept.class_token):
+                raise UserError(f"the training prompt of {ex.image} is empty (the prompt {ex.caption_template!r} "
+                                f"with its caption {ex.caption!r})",
+                                "write the captions into the .txt files beside the images, or set an instance "
+                                "prompt or instance token")
 
     def _train(self) -> None:
         cfg = self.cfg
@@ -476,8 +508,6 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ stepping
     def _optimizer_step(self, group: list[list[Example]]) -> None:
         cfg = self.cfg
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
-        rng = random.Random(cfg.seed * 1_000_003 + self.step)
         train_te = self.embedding is not None or self.step < self.text_encoder_steps
         if self.text_encoder_steps and self.step == self.text_encoder_steps:
             self._stop_text_encoder()
@@ -485,13 +515,20 @@ class Trainer:
                                 train_te, self.autocast)
         lrs = [g["lr"] for g in self.optimizer.param_groups]  # the LRs this step uses
         self.precision.step = self.step  # stochastic rounding draws from (seed, step)
+        logged = len(self.pending_losses)
+        while True:
+            try:
+                self._backward(group, settings, lrs)
+                break
+            except RuntimeError as err:  # torch's OutOfMemoryError is a RuntimeError too
+                if not is_out_of_memory(err):
+                    raise
+                self._free_after_out_of_memory()
+                if not cfg.oom_retry_smaller_batch or self.micro_batch <= 1 or cfg.fused_backward_step:
+                    raise self._out_of_memory_error(err) from err
+                del self.pending_losses[logged:]
+                self._halve_batch()  # and make this step again with the same examples
         try:
-            for examples in group:
-                batch = self._make_batch(examples, rng)
-                loss, _ = compute_loss(self.models, batch, settings, generator)
-                loss = loss / len(group)
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
-                self.pending_losses.append((self.step + 1, self.epoch, loss.detach() * len(group), lrs))
             fault_point("step")  # test hook: gradients made, weights not yet updated
             params = [p for p in self.trained_params if p.grad is not None]  # none after a fused backward
             if self.scaler:
@@ -503,12 +540,10 @@ class Trainer:
                 self.scaler.update()
             else:
                 self.optimizer.step()
-        except RuntimeError as err:  # torch's OutOfMemoryError is a RuntimeError too
+        except RuntimeError as err:
             if not is_out_of_memory(err):
                 raise
-            self.optimizer.zero_grad(set_to_none=True)  # give the gradients' memory back before anything else
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            self._free_after_out_of_memory()
             raise self._out_of_memory_error(err) from err
         self.lr_scheduler.step()
         if self.embedding is not None:
@@ -517,15 +552,48 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.models.unet.parameters())
 
+    def _backward(self, group: list[list[Example]], settings: StepSettings, lrs: list[float]) -> None:
+        """Gradients of one optimizer step: each batch of ``group`` in pieces of at most ``micro_batch`` images
+        (fewer than the batch only after an out-of-memory retry), each piece's loss weighted by its share, so the
+        gradient is the batch mean's either way."""
+        seed = self.cfg.seed * 1_000_003 + self.step
+        generator, rng = torch.Generator().manual_seed(seed), random.Random(seed)
+        for examples in group:
+            batch_loss = 0.0
+            for start in range(0, len(examples), self.micro_batch):
+                piece = examples[start:start + self.micro_batch]
+                oom_point(self.step + 1, len(piece))
+                loss, _ = compute_loss(self.models, self._make_batch(piece, rng), settings, generator)
+                loss = loss * (len(piece) / len(examples))
+                (self.scaler.scale(loss / len(group)) if self.scaler else loss / len(group)).backward()
+                batch_loss = batch_loss + loss.detach()
+            self.pending_losses.append((self.step + 1, self.epoch, batch_loss, lrs))
+
+    def _free_after_out_of_memory(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)  # give the gradients' memory back before anything else
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _halve_batch(self) -> None:
+        """The out-of-memory retry: half the images per pass, twice the passes per step (same effective batch)."""
+        cfg, old = self.cfg, self.micro_batch
+        self.micro_batch = max(1, old // 2)
+        accumulation = cfg.gradient_accumulation_steps * math.ceil(cfg.train_batch_size / self.micro_batch)
+        message = (f"out of memory at step {self.step + 1} with batch {old}: going on with batch "
+                   f"{self.micro_batch} and gradient accumulation {accumulation} (the same effective batch)")
+        log.warning("%s", message)
+        self.status.update(force=True, message=message, train_batch_size=self.micro_batch,
+                           gradient_accumulation_steps=accumulation)
+
     def _out_of_memory_error(self, err: BaseException) -> UserError:
         """The out-of-memory error as the user sees it: what ran out, and the settings that need less memory (only
         those not in use already)."""
         cfg = self.cfg
         where = "RAM" if self.device.type == "cpu" else f"{self.device} memory"
         tips = []
-        if cfg.train_batch_size > 1:
-            tips.append(f"a smaller batch size (now {cfg.train_batch_size}; raise gradient accumulation to keep the "
-                        "effective batch)")
+        if self.micro_batch > 1:
+            tips.append(f"a smaller batch size (now {self.micro_batch}; raise gradient accumulation to keep the "
+                        "effective batch, or let the run do that: 'On out of memory, retry with a smaller batch')")
         if not cfg.gradient_checkpointing:
             tips.append("gradient checkpointing on")
         if cfg.optimizer != "adamw_8bit":
@@ -539,7 +607,7 @@ class Trainer:
             tips.append(f"a lower resolution (now {self.resolution} px, e.g. {lower})")
         hint = ("try " + "; ".join(tips) if tips else
                 "every memory-saving setting is on already: train on a device with more memory")
-        return UserError(f"out of {where} at step {self.step + 1} (batch {cfg.train_batch_size}, "
+        return UserError(f"out of {where} at step {self.step + 1} (batch {self.micro_batch}, "
                          f"{self.resolution} px); training stopped, the last save (if any) is intact",
                          f"{hint}; then continue with --resume")
 
@@ -898,6 +966,18 @@ class Trainer:
     def _finish(self, state: str, message: str) -> None:
         self.status.update(force=True, state=state, message=message, step=self.step, epoch=self.epoch)
         log.info("%s: %s", state, message)
+
+
+def oom_point(step: int, batch: int) -> None:
+    """Test hook: with ``$DREAMBOOTH_OOM_AT="<step>[:<batch>]"`` a forward pass of step ``<step>`` (1-based) over
+    more than ``<batch>`` images (default 0: any) raises an out-of-memory RuntimeError, as CUDA would; so the
+    out-of-memory handling is tested on the CPU. Without the variable (always, outside tests) it returns at once."""
+    spec = os.environ.get(OOM_ENV)
+    if not spec:
+        return
+    at, _, above = spec.partition(":")
+    if step == int(at) and batch > int(above or 0):
+        raise RuntimeError(f"CUDA out of memory (injected by ${OOM_ENV} at step {step}, batch {batch})")
 
 
 def is_out_of_memory(err: BaseException) -> bool:

@@ -18,13 +18,14 @@ from typing import Any
 
 import torch
 
-from ..atomic import write_json
+from ..atomic import write_json, write_text
 from ..store import ModelDir
 
 log = logging.getLogger(__name__)
 
 STATES = ("starting", "generating_class_images", "running", "paused", "saving", "done", "failed", "cancelled")
 CANCEL_FILE = "cancel.request"
+LOSS_HEADER = "step,epoch,loss,lr\n"
 PAUSE_FILE = "pause.request"
 
 
@@ -102,10 +103,34 @@ class StatusWriter:
                                        "started_at": time.time(), "samples": []}
         self._last_write = 0.0
         model.logs.mkdir(parents=True, exist_ok=True)
-        self._loss_log = open(model.logs / "loss.csv", "a", encoding="utf-8")  # noqa: SIM115 - kept open
-        if self._loss_log.tell() == 0:
-            self._loss_log.write("step,epoch,loss,lr\n")
+        self._loss_path = model.logs / "loss.csv"
+        self._loss_log = self._open_loss_log()
         self._tb = _tensorboard(model.logs)
+
+    def _open_loss_log(self) -> Any:
+        fh = open(self._loss_path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+        if fh.tell() == 0:
+            fh.write(LOSS_HEADER)
+        return fh
+
+    def truncate_loss_log(self, step: int) -> int:
+        """Keep only the loss rows of steps up to ``step`` (a resume from there logs the later steps again), so
+        each step is in ``loss.csv`` once. The file is rewritten atomically; returns how many rows were dropped.
+
+        A row that is not ``step,epoch,loss,lr`` (a line cut off by a crash) is dropped as well.
+        """
+        self._loss_log.close()
+        try:
+            lines = self._loss_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except FileNotFoundError:
+            lines = []
+        kept = [line for line in lines[1:] if _loss_row_step(line) is not None and _loss_row_step(line) <= step]
+        dropped = max(0, len(lines) - 1) - len(kept)
+        if dropped:
+            write_text(self._loss_path, LOSS_HEADER + "".join(f"{line}\n" for line in kept))
+            log.info("loss.csv: dropped %d row(s) after the resumed step %d", dropped, step)
+        self._loss_log = self._open_loss_log()
+        return dropped
 
     def log_loss(self, step: int, epoch: int, loss: float, lrs: list[float]) -> None:
         self._loss_log.write(f"{step},{epoch},{loss:.6g},{';'.join(f'{lr:.6g}' for lr in lrs)}\n")
@@ -133,6 +158,18 @@ class StatusWriter:
         self._loss_log.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _loss_row_step(line: str) -> int | None:
+    """The step of a complete ``step,epoch,loss,lr`` row, else None."""
+    parts = line.split(",")
+    if len(parts) != 4 or not all(parts):
+        return None
+    try:
+        float(parts[2])
+        return int(parts[0])
+    except ValueError:
+        return None
 
 
 def _tensorboard(folder: Path) -> Any:
