@@ -79,6 +79,9 @@ def run_ours(md: ModelDir, case: Case, overrides: dict[str, object], images: Pat
              clock: StepClock) -> dict:
     """Train ``md`` with the case's shape and ``overrides`` until ``clock`` has its steps; the timing and notes."""
     cfg = load_config(md.path)
+    for spec in field_specs(TrainConfig):  # every setting at its default first: rows share the model dir, and one
+        if spec.ui:                          # row's profile must not carry over into the next
+            setattr(cfg, spec.name, spec.default)
     for name, value in {**harness_settings(case), **overrides}.items():
         setattr(cfg, name, value)
     cfg.concepts = [concept(images)]

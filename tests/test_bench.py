@@ -125,3 +125,23 @@ def test_baseline_lora_leaves_the_output_unchanged_at_init_and_trains_only_its_o
     after.square().mean().backward()
     assert all(p.grad is not None for p in params[1::2])  # the up weights get gradients
     assert all(p.grad is None for p in unet.parameters() if not any(p is q for q in params))
+
+
+def test_each_row_of_ours_starts_from_our_defaults_not_the_previous_rows_profile(tmp_path):
+    from bench.matrix import Case, profile_overrides
+    from bench.measure import StepClock
+    from bench.models import write_images, write_random_model
+    from bench.ours import run_ours
+    from dreambooth.config import TrainConfig, load_config
+
+    md = write_random_model(tmp_path / "models", "sd1", "tiny")
+    images = write_images(tmp_path / "images", 2, 64)
+    case = Case("sd1", "lora", 64, 1, ("ours-lowmem", "ours-default"), lora_rank=4)
+    cpu = torch.device("cpu")
+    lowmem = profile_overrides("ours-lowmem", eight_bit=False, compile_unet=False)
+    run_ours(md, case, lowmem, images, cpu, StepClock(cpu, 0, 1))
+    assert load_config(md.path).fused_backward_step
+    run_ours(md, case, {}, images, cpu, StepClock(cpu, 0, 1))
+    cfg, defaults = load_config(md.path), TrainConfig()
+    assert (cfg.fused_backward_step, cfg.weight_precision, cfg.offload_frozen_models) == \
+        (defaults.fused_backward_step, defaults.weight_precision, defaults.offload_frozen_models)
