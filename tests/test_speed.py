@@ -353,6 +353,32 @@ def test_paramwise_optimizer_state_is_the_ordinary_adamw_format():
     torch.testing.assert_close(fresh.state_dict()["state"][0]["exp_avg"], plain.state_dict()["state"][0]["exp_avg"])
 
 
+def test_paramwise_optimizer_whole_step_equals_the_step_of_each_parameter_with_bf16_masters():
+    torch.manual_seed(0)
+    shapes = [(3, 2), (4,), (5, 5)]
+    copies = [[torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)).bfloat16())
+               for i, s in enumerate(shapes)] for _ in range(2)]
+    optimizers = []
+    for params in copies:
+        precision = WeightPrecision("bf16_master", 0)
+        precision.cast_modules([], params)
+        optimizers.append(ParamwiseOptimizer([{"params": params[:2], "lr": 0.1}, {"params": params[2:], "lr": 0.2}],
+                                             lambda g: torch.optim.AdamW(g, lr=0.1), precision))
+    whole, one_by_one = optimizers
+    assert whole.whole is not None
+    for _ in range(3):
+        for a, b in zip(*copies, strict=True):
+            g = torch.randn(a.shape).bfloat16()
+            a.grad, b.grad = g.clone(), g.clone()
+        whole.step()  # the whole-optimizer path
+        for p in copies[1]:
+            one_by_one.step_param(p)  # the fused path's update, one parameter at a time
+            p.grad = None
+    for a, b in zip(*copies, strict=True):
+        assert torch.equal(a, b)
+        assert torch.equal(whole.precision.masters[a], one_by_one.precision.masters[b])
+
+
 # ------------------------------------------------------------------------------------------- pinned memory, compile
 
 

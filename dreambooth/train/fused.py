@@ -74,6 +74,12 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
                 opt.state = self.state  # one state for all: state_dict holds everything, in the ordinary format
                 self.inner[p] = (opt, face, slot, index)
                 index += 1
+        self.fused = False  # install_fused_step: each update runs inside backward, one parameter at a time
+        self.whole: torch.optim.Optimizer | None = None
+        if not self.stochastic:  # the ordinary step: one optimizer over every slot (multi-tensor kernels)
+            self.whole = make([{**{k: v for k, v in g.items() if k != "params"}, "params": face["params"]}
+                               for g, face in zip(param_groups, self.param_groups, strict=True)])
+            self.whole.state = self.state
 
     def _slot(self, p: torch.nn.Parameter) -> torch.Tensor:
         if self.stochastic:
@@ -109,9 +115,28 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for p in self.params:
-            self.step_param(p)
+        if self.whole is not None and not self.fused:
+            self._step_whole()
+        else:
+            for p in self.params:
+                self.step_param(p)
         return loss
+
+    @torch.no_grad()
+    def _step_whole(self) -> None:
+        """Every gradient into its slot, one step of the whole optimizer, each updated slot written back: the same
+        updates as :meth:`step_param` one by one, in a few multi-tensor kernels instead of a few per parameter."""
+        assert self.whole is not None
+        for whole_group, face in zip(self.whole.param_groups, self.param_groups, strict=True):
+            whole_group["lr"] = face["lr"]
+        moved = [(p, self.inner[p][2], self.inner[p][3]) for p in self.params
+                 if p.grad is not None and self.inner[p][2] is not p]
+        for p, slot, _ in moved:
+            slot.grad = p.grad.to(torch.float32)
+        self.whole.step()
+        for p, slot, index in moved:
+            slot.grad = None
+            self.precision.write_back(p, slot, index)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
@@ -125,10 +150,14 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         for opt, *_ in self.inner.values():
             opt.state = self.state  # loading replaced the shared state object
+        if self.whole is not None:
+            self.whole.state = self.state
 
 
 def install_fused_step(optimizer: ParamwiseOptimizer) -> list[Any]:
     """Run each parameter's update inside backward, as its gradient completes, then free that gradient."""
+
+    optimizer.fused = True
 
     def hook(p: torch.Tensor) -> None:
         optimizer.step_param(p)
