@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -396,6 +397,32 @@ def test_poll_renders_status_loss_previews_and_log(model):
     again = handlers.poll("m", seen)
     assert again[2] == "NO_CHANGE"  # the same previews are not sent again
     assert host.exported == [host.checkpoint_dir() / "m_10.safetensors"]  # told once
+
+
+def test_two_browser_tabs_see_the_same_run(model):
+    """Each tab keeps its own poll state; both show the run's whole status, loss curve and previews."""
+    from PIL import Image
+
+    from dreambooth.atomic import write_json
+    from dreambooth.sample import SampleRequest, save_sample
+
+    md, _, handlers = model
+    write_json(md.status_path, {"state": "done", "message": "training complete", "step": 3, "total_steps": 5})
+    md.logs.mkdir(exist_ok=True)
+    (md.logs / "loss.csv").write_text("step,epoch,loss,lr\n1,0,0.9,1e-3\n2,0,0.5,1e-3\n3,1,0.4,1e-3\n")
+    req = SampleRequest("a photo of zwx disc", "", 1, 2, 7.5, 64, 64, "ddim")
+    save_sample(Image.new("RGB", (64, 64), "red"), md.samples, "step000003_c0_0", req, {"step": "3"})
+    first = handlers.poll("m", {})
+    with open(md.logs / "loss.csv", "a") as fh:
+        fh.write("4,1,0.3,1e-3\n5,1,0.2,1e-3\n")
+    second = handlers.poll("m", {})  # a tab opened later
+    again = handlers.poll("m", first[-1])  # the first tab's next poll
+    def untimed(html: str) -> str:
+        return re.sub(r"data-db-tick='\d+'", "", html)  # a per-render tick for the page script
+
+    assert untimed(second[0]) == untimed(again[0]) and "data-db-state='done'" in second[0]
+    assert second[1] == again[1] and "step 1</text>" in second[1] and "loss at step 5: 0.2" in second[1]
+    assert len(first[2]) == len(second[2]) == 1 and again[2] == "NO_CHANGE"  # each tab gets the previews once
 
 
 def test_loss_log_reads_only_what_was_appended(tmp_path):
