@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry for contributors and CI:
 #   bash tools/dev.sh demo         set everything up, then run the demo
-#   bash tools/dev.sh test [ARGS]  set everything up, then run the tests (ruff, then pytest ARGS)
+#   bash tools/dev.sh test [ARGS]  set everything up, then run the tests (ruff, then pytest ARGS, one worker per core)
 # Setup makes .venv (or $VENV) with torch==2.13.0 installed first, on its own, so that nothing can pull a second
 # torch, then the requirements of $DREAMBOOTH_PROFILE (host: the WebUI's pinned versions, the default; current).
 set -euo pipefail
@@ -26,6 +26,7 @@ case "$cmd" in
   demo) exec "$py" -m dreambooth demo "$@" ;;
   test)
     "$py" -m ruff check .
-    exec "$py" -m pytest -q "$@" ;;
+    # one test process per core ($DREAMBOOTH_TEST_WORKERS to change it; -n 0 in the args runs them in this process)
+    exec "$py" -m pytest -q -n "${DREAMBOOTH_TEST_WORKERS:-auto}" "$@" ;;
   *) echo "usage: bash tools/dev.sh demo|test [args]" >&2; exit 2 ;;
 esac
