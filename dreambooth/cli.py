@@ -16,6 +16,7 @@ from typing import Any
 from . import __version__
 from .errors import UserError
 from .families import FAMILY_IDS
+from .profiles import PROFILES
 from .ui.app import add_ui_command, cmd_ui
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where hypernetworks are exported at each save (default: <models root>/hypernetworks)")
     p.add_argument("--attention-default", choices=("default", "sdp", "xformers"), default="sdp",
                    help="what the config's attention 'auto' means (the WebUI passes its own choice)")
-    p.add_argument("--profile", choices=("fits in 6 GB", "fits in 8 GB", "fastest"),
+    p.add_argument("--profile", choices=tuple(PROFILES),
                    help="apply a memory profile to the model's db_config.json before training (see profiles.py)")
     _add_root(p)
 

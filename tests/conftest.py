@@ -72,6 +72,11 @@ def make_training_model(root: Path, source: Path, name: str = "m", images: int =
     return md
 
 
+def working_files(md) -> dict[Path, bytes]:
+    """Every file of the model's ``working/`` folder and its bytes (to show training left the model unchanged)."""
+    return {p.relative_to(md.working): p.read_bytes() for p in md.working.rglob("*") if p.is_file()}
+
+
 @contextmanager
 def cancelled_at(step: int):
     """Within this block a training run is cancelled at ``step`` (as if the user pressed Cancel then)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cancelled_at, make_training_model
+from conftest import cancelled_at, make_training_model, working_files
 from safetensors.torch import load_file
 
 from dreambooth.errors import UserError
@@ -21,10 +21,6 @@ def _run(md, tmp_path, **opts):
     return trainer
 
 
-def _working_files(md):
-    return {p.relative_to(md.working): p.read_bytes() for p in md.working.rglob("*") if p.is_file()}
-
-
 def test_only_the_embedding_trains_and_the_webui_file_appears(tmp_path, tiny_checkpoint, monkeypatch):
     prompts = []
     real = loop_module.tokenize_prompts
@@ -34,9 +30,9 @@ def test_only_the_embedding_trains_and_the_webui_file_appears(tmp_path, tiny_che
                              embedding_token="zwx-style", embedding_vectors=2, embedding_init_word="disc",
                              learning_rate=5e-3, epochs=2, save_checkpoint=True, preview_every_n_epochs=2,
                              concept=CONCEPT)
-    before = _working_files(md)
+    before = working_files(md)
     trainer = _run(md, tmp_path)
-    assert _working_files(md) == before  # the model is bitwise unchanged
+    assert working_files(md) == before  # the model is bitwise unchanged
     assert all("zwx-style zwx-style_1" in p for p in prompts)  # the word stands for both vectors
     exported = load_file(str(tmp_path / "embeddings" / "zwx-style.safetensors"))
     assert list(exported) == ["emb_params"] and exported["emb_params"].shape == (2, 32)

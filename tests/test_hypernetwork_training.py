@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cancelled_at, make_training_model
+from conftest import cancelled_at, make_training_model, working_files
 from test_hypernetwork import webui_safe_check
 
 from dreambooth.data.images import list_images
@@ -26,16 +26,12 @@ def _run(md, tmp_path, **opts):
     return trainer
 
 
-def _working_files(md):
-    return {p.relative_to(md.working): p.read_bytes() for p in md.working.rglob("*") if p.is_file()}
-
-
 def test_hypernetwork_trains_leaves_the_model_unchanged_and_exports(tmp_path, tiny_checkpoint):
     md = make_training_model(tmp_path, tiny_checkpoint("sd1"), epochs=2, save_checkpoint=True,
                              preview_every_n_epochs=2, **SETTINGS)
-    before = _working_files(md)
+    before = working_files(md)
     trainer = _run(md, tmp_path)
-    assert _working_files(md) == before  # the base model is bitwise unchanged
+    assert working_files(md) == before  # the base model is bitwise unchanged
     assert not (tmp_path / "Stable-diffusion").exists()  # no checkpoint export for a hypernetwork
     exported = tmp_path / "hypernetworks" / f"m_{trainer.total_steps}.pt"
     webui_safe_check(exported)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import make_training_model
+from conftest import make_training_model, working_files
 from safetensors import safe_open
 
 from dreambooth.create import create_model
@@ -13,20 +13,16 @@ from dreambooth.train.models import load_models
 from dreambooth.train.resume import latest_state
 
 
-def _working_files(md):
-    return {p.relative_to(md.working): p.read_bytes() for p in md.working.rglob("*") if p.is_file()}
-
-
 def test_merged_checkpoint_equals_base_plus_lora(tmp_path, tiny_checkpoint):
     md = make_training_model(tmp_path, tiny_checkpoint("sd1"), images=1, epochs=2, method="lora", lora_rank=4,
                              lora_alpha=2.0, lora_conv_rank=2, lora_conv_alpha=1.0, learning_rate=5e-2,
                              text_encoder_ratio=1.0, save_checkpoint=True, lora_merge_export=True,
                              export_dtype="fp32")
-    before = _working_files(md)
+    before = working_files(md)
     trainer = Trainer(md, RunOptions(device="cpu", install_signal_handlers=False, lora_dir=tmp_path / "Lora",
                                      export_dir=tmp_path / "Stable-diffusion"))
     trainer.run()
-    assert _working_files(md) == before  # the base working weights are unchanged
+    assert working_files(md) == before  # the base working weights are unchanged
     merged_file = tmp_path / "Stable-diffusion" / f"m_{trainer.total_steps}.safetensors"
     with safe_open(str(merged_file), "pt") as fh:
         assert fh.metadata()["dreambooth.trained"] == "lora (merged)"

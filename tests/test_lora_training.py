@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cancelled_at, make_training_model
+from conftest import cancelled_at, make_training_model, working_files
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -24,10 +24,6 @@ def _run(md, tmp_path, **opts):
     return trainer
 
 
-def _working_files(md):
-    return {p.relative_to(md.working): p.read_bytes() for p in md.working.rglob("*") if p.is_file()}
-
-
 def _with_lora(md, lora_file, rank, alpha):
     models = load_models(md.working, "sd1")
     settings = LoraSettings(rank=rank, alpha=alpha, conv_rank=rank, conv_alpha=alpha, train_text_encoder=False)
@@ -43,11 +39,11 @@ def test_lora_learns_and_leaves_the_base_model_unchanged(tmp_path, tiny_checkpoi
     md = make_training_model(tmp_path, tiny_checkpoint("sd1"), method="lora", lora_rank=32, lora_alpha=32.0,
                              lora_conv_rank=32, lora_conv_alpha=32.0, learning_rate=5e-3, epochs=30,
                              save_checkpoint=True)
-    before = _working_files(md)
+    before = working_files(md)
     images = list_images(tmp_path / "concept-m")
     base_loss = evaluation_loss(load_models(md.working, "sd1"), images, PROMPT, 64)
     trainer = _run(md, tmp_path)
-    assert _working_files(md) == before  # the base model is bitwise unchanged
+    assert working_files(md) == before  # the base model is bitwise unchanged
     exported = tmp_path / "Lora" / f"m_{trainer.total_steps}.safetensors"
     state = load_file(str(exported))
     assert all(k.startswith("lora_unet_") for k in state)  # the text encoder was not trained
