@@ -145,6 +145,18 @@ def test_a_resume_drops_the_logged_steps_after_the_resumed_one(tmp_path, sd1, mo
     assert not [p for p in md.logs.iterdir() if ".tmp-" in p.name]
 
 
+def test_a_fresh_run_starts_its_own_loss_log_and_keeps_the_earlier_one(tmp_path, sd1, monkeypatch):
+    md = make_training_model(tmp_path, sd1, epochs=1, images=2, enable_buckets=False)
+    monkeypatch.setattr(StatusWriter, "due", lambda self: True)  # every step is logged at once
+    run(md)
+    first = (md.logs / "loss.csv").read_text()
+    run(md)  # trains on from the saved weights: a new run, its steps counted from 1
+    assert _loss_steps(md) == [1, 2]
+    assert (md.logs / "loss_until_step_2.csv").read_text() == first
+    run(md)
+    assert _loss_steps(md) == [1, 2] and (md.logs / "loss_until_step_4.csv").is_file()
+
+
 def test_truncating_the_loss_log_drops_torn_rows_and_keeps_appending(tmp_path, sd1):
     md = make_training_model(tmp_path, sd1)
     (md.logs / "loss.csv").write_text("step,epoch,loss,lr\n1,0,0.5,0.001\n2,0,0.4,0.001\n3,0,0.3,0.001\n4,0,0.")

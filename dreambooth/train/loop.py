@@ -233,6 +233,8 @@ class Trainer:
         if self.opts.resume:
             self._load_resume_state()
             self.status.truncate_loss_log(self.step)  # the steps after it are trained (and logged) again
+        else:
+            self.status.start_new_loss_log(self.base_revision)  # this run's steps count from 1 again
         self._prepare_caches()
         log.info("training %s: %d epochs x %d steps = %d steps", self.model.name, cfg.epochs, self.steps_per_epoch,
                  self.total_steps)

@@ -132,6 +132,27 @@ class StatusWriter:
         self._loss_log = self._open_loss_log()
         return dropped
 
+    def start_new_loss_log(self, trained_before: int) -> Path | None:
+        """A fresh (not resumed) run logs its own steps from 1: an earlier run's ``loss.csv`` that has rows is kept
+        as ``loss_until_step_<trained_before>.csv`` (``_2``, ... if taken) and ``loss.csv`` starts empty, so no
+        step number appears twice in it. Returns the kept file, if any."""
+        self._loss_log.close()
+        try:
+            has_rows = len(self._loss_path.read_text(encoding="utf-8", errors="replace").splitlines()) > 1
+        except FileNotFoundError:
+            has_rows = False
+        kept = None
+        if has_rows:
+            kept = self._loss_path.with_name(f"loss_until_step_{trained_before}.csv")
+            n = 1
+            while kept.exists():
+                n += 1
+                kept = self._loss_path.with_name(f"loss_until_step_{trained_before}_{n}.csv")
+            os.replace(self._loss_path, kept)  # a rename: the old log is whole in one place or the other
+            log.info("loss.csv of the earlier run kept as %s", kept.name)
+        self._loss_log = self._open_loss_log()
+        return kept
+
     def log_loss(self, step: int, epoch: int, loss: float, lrs: list[float]) -> None:
         self._loss_log.write(f"{step},{epoch},{loss:.6g},{';'.join(f'{lr:.6g}' for lr in lrs)}\n")
         if self._tb is not None:
