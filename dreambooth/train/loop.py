@@ -66,7 +66,7 @@ from ..working import WEIGHT_NAMES, save_tensors
 from .caches import Offloader, TextEmbeddingCache
 from .ema import EMA
 from .embedding import EmbeddingSettings, TextualInversion, save_embedding
-from .fused import ParamwiseOptimizer, check_fused, install_fused_step
+from .fused import GLOBAL_OPTIMIZERS, ParamwiseOptimizer, check_fused, install_fused_step
 from .hypernetwork import Hypernetwork, HypernetworkSettings, save_hypernetwork
 from .lora import LoraNetwork, LoraSettings, lora_metadata, save_lora
 from .lora_merge import merged_components
@@ -212,9 +212,9 @@ class Trainer:
     def _setup(self) -> None:
         cfg = self.cfg
         self.concepts = resolve_concepts(cfg)
+        self.resolution = cfg.resolution or get_family(cfg.family).resolution
         self._check_instance_images()
         self.models = load_models(self.model.working, cfg.family)
-        self.resolution = cfg.resolution or self.models.family.resolution
         self.autocast = autocast_dtype(cfg.mixed_precision, self.device)
         attention = self.opts.attention_default if cfg.attention == "auto" else cfg.attention
         self.attention = set_attention(self.models, attention)
@@ -245,8 +245,7 @@ class Trainer:
         """Refuse missing folders and unusable images or captions before the models load (seconds, on a big model);
         the class images are checked once they exist."""
         concepts = [dataclasses.replace(c, num_class_images_per=0) for c in self.concepts]
-        data = TrainingData(concepts, self.cfg.resolution or get_family(self.cfg.family).resolution,
-                            enable_buckets=self.cfg.enable_buckets, seed=self.cfg.seed)
+        data = TrainingData(concepts, self.resolution, enable_buckets=self.cfg.enable_buckets, seed=self.cfg.seed)
         for ex in data.all_examples():
             concept = concepts[ex.concept]
             if not build_prompt(ex.caption_template, ex.caption, concept.instance_token, concept.class_token):
@@ -448,7 +447,7 @@ class Trainer:
     def _paramwise_optimizer(self, groups: list[dict], settings: OptimizerSettings, note: str | None
                              ) -> ParamwiseOptimizer:
         """One optimizer per parameter (fused backward step, bf16 weights), with the same state_dict format."""
-        if self.cfg.optimizer in ("dadaptation", "prodigy"):
+        if self.cfg.optimizer in GLOBAL_OPTIMIZERS:
             raise UserError(f"{self.cfg.optimizer} estimates its step size from all parameters together and cannot "
                             "update them one at a time (bf16 weights, optimizer step in backward)",
                             "pick adamw, adamw_8bit, lion or adafactor, or set weight precision fp32 and turn "

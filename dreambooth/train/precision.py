@@ -24,11 +24,10 @@ from contextlib import contextmanager
 
 import torch
 
+from ..config import WEIGHT_PRECISIONS
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
-
-WEIGHT_PRECISIONS = ("fp32", "bf16_master", "bf16_stochastic")
 
 
 def check_weight_precision(mode: str, mixed_precision: str, device: torch.device) -> None:
