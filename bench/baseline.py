@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dreambooth.compat import grad_scaler
+
 from .matrix import Case
 from .measure import StepClock
 from .models import PROMPT
@@ -206,7 +208,7 @@ def run_baseline(working: Path, case: Case, settings: BaselineSettings, images: 
     notes.append(f"optimizer {optimizer_cls.__name__}")
     optimizer = optimizer_cls(params, lr=5e-6, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    scaler = torch.amp.GradScaler("cuda") if use_fp16 else None
+    scaler = grad_scaler(device.type) if use_fp16 else None
 
     data = ImageDataset(images, case.resolution, tokenizers)
     loader = torch.utils.data.DataLoader(data, batch_size=case.batch, shuffle=True, collate_fn=_collate,

@@ -16,6 +16,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from dreambooth.compat import OOM_ERRORS
+
 log = logging.getLogger(__name__)
 
 # dense bf16 tensor-core peak in FLOP/s by device name (fp16 for cards without bf16); substrings, first match wins
@@ -134,7 +136,7 @@ def flops_per_sample(unet_config: dict, resolution: int, method: str, sdxl: bool
     """``count_unet_flops`` on ``device``; where the device runs out of memory, the same count on ``meta``."""
     try:
         return count_unet_flops(unet_config, resolution, method, sdxl, device), device.type
-    except torch.OutOfMemoryError:
+    except OOM_ERRORS:
         log.warning("out of memory counting FLOPs on %s; counting on the meta device", device)
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dreambooth.compat import is_out_of_memory
+
 
 class Enough(Exception):
     """Raised by the clock once the measured steps are done (it ends our trainer's loop from inside)."""
@@ -121,7 +123,7 @@ def _peak_rss() -> int | None:
 def is_oom(err: BaseException | None) -> bool:
     """Whether ``err`` or what caused it is an out-of-memory error (our trainer re-raises one as a UserError)."""
     while err is not None:
-        if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower():
+        if is_out_of_memory(err) or "out of memory" in str(err).lower():
             return True
         err = err.__cause__
     return False

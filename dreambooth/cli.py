@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where hypernetworks are exported at each save (default: <models root>/hypernetworks)")
     p.add_argument("--attention-default", choices=("default", "sdp", "xformers"), default="sdp",
                    help="what the config's attention 'auto' means (the WebUI passes its own choice)")
+    p.add_argument("--cpu-fp16", action="store_true",
+                   help="with mixed precision fp16 on the CPU, run the GPU's fp16 path (autocast + grad scaler; "
+                        "torch 2.3+) instead of fp32")
     p.add_argument("--profile", choices=tuple(PROFILES),
                    help="apply a memory profile to the model's db_config.json before training (see profiles.py)")
     _add_root(p)
@@ -182,7 +185,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     status = train_model(md, RunOptions(device=args.device, resume=args.resume, export_dir=export_dir,
                                         lora_dir=lora_dir, embeddings_dir=embeddings_dir,
                                         hypernetworks_dir=hypernetworks_dir,
-                                        attention_default=args.attention_default))
+                                        attention_default=args.attention_default, cpu_fp16=args.cpu_fp16))
     print(f"{status['state']}: {status.get('message', '')} (step {status.get('step')})")
     return 0 if status["state"] in ("done", "cancelled") else 1
 

@@ -98,8 +98,8 @@ def test_an_out_of_memory_error_is_recognised_through_the_trainers_user_error():
 
     try:
         try:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        except torch.OutOfMemoryError as err:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        except torch.cuda.OutOfMemoryError as err:
             raise UserError("out of cuda:0 memory at step 3", "try ...") from err
     except UserError as wrapped:
         assert is_oom(wrapped)

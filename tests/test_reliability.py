@@ -14,9 +14,10 @@ from conftest import make_training_model
 from safetensors.torch import load_file
 
 from dreambooth.atomic import fault_point
+from dreambooth.compat import is_out_of_memory
 from dreambooth.errors import UserError
 from dreambooth.train import loop as loop_module
-from dreambooth.train.loop import RunOptions, Trainer, is_out_of_memory
+from dreambooth.train.loop import RunOptions, Trainer
 from dreambooth.train.resume import latest_state, list_states, load_state, save_state
 
 Usage = namedtuple("Usage", "total used free")

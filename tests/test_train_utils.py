@@ -201,23 +201,30 @@ def test_adafactor_uses_configured_lr():
             assert (w.detach() - before).abs().max().item() <= 2 * lr
 
 
-@pytest.mark.parametrize("cuda", [False, True])
-def test_adamw_8bit_falls_back_with_a_note(monkeypatch, caplog, cuda):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+@pytest.fixture
+def fresh_8bit_probe(monkeypatch):
+    """Forget what the 8-bit probe found, so a test's stand-in bitsandbytes is probed."""
+    monkeypatch.setattr(optimizers_module, "_EIGHT_BIT_PROBLEMS", {})
+
+
+def test_adamw_8bit_falls_back_with_a_note(monkeypatch, caplog, fresh_8bit_probe):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
     monkeypatch.setitem(sys.modules, "bitsandbytes.optim", None)
     with caplog.at_level(logging.WARNING):
         opt, note = make_optimizer(two_groups(), settings("adamw_8bit"))
     assert isinstance(opt, torch.optim.AdamW)
-    assert note and "bitsandbytes" in note and "AdamW" in note
-    assert ("GPU" in note) if not cuda else ("pip install bitsandbytes" in note)
+    assert note and "bitsandbytes" in note and "AdamW" in note and "pip install bitsandbytes" in note
     assert note in caplog.text
     assert [g["lr"] for g in opt.param_groups] == [UNET_LR, TE_LR]
 
 
-def test_adamw_8bit_broken_import_names_the_error(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+def test_adamw_8bit_on_a_missing_gpu_says_so(monkeypatch, fresh_8bit_probe):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    problem = optimizers_module.adamw_8bit_problem("cuda")
+    assert problem and "CUDA" in problem and "adamw" in problem
 
+
+def test_adamw_8bit_broken_import_names_the_error(monkeypatch, fresh_8bit_probe):
     def broken(module):
         raise RuntimeError("CUDA Setup failed")
 
@@ -226,13 +233,26 @@ def test_adamw_8bit_broken_import_names_the_error(monkeypatch):
     assert isinstance(opt, torch.optim.AdamW) and "CUDA Setup failed" in note and "bitsandbytes" in note
 
 
-def test_adamw_8bit_used_when_available(monkeypatch):
+def test_adamw_8bit_that_cannot_step_on_this_device_falls_back(monkeypatch, fresh_8bit_probe):
+    """bitsandbytes before 0.50 imports without a GPU but fails at its first 8-bit step on the CPU."""
+    class NoCpuAdamW8bit(torch.optim.AdamW):
+        def step(self, closure=None):
+            raise NameError("name 'str2optimizer8bit_blockwise' is not defined")
+
+    fake = types.ModuleType("bitsandbytes.optim")
+    fake.AdamW8bit = NoCpuAdamW8bit
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.ModuleType("bitsandbytes"))
+    monkeypatch.setitem(sys.modules, "bitsandbytes.optim", fake)
+    opt, note = make_optimizer(two_groups(), settings("adamw_8bit"))
+    assert type(opt) is torch.optim.AdamW and "cannot run it on the CPU" in note
+
+
+def test_adamw_8bit_used_when_available(monkeypatch, fresh_8bit_probe):
     class FakeAdamW8bit(torch.optim.AdamW):
         pass
 
     fake = types.ModuleType("bitsandbytes.optim")
     fake.AdamW8bit = FakeAdamW8bit
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setitem(sys.modules, "bitsandbytes", types.ModuleType("bitsandbytes"))
     monkeypatch.setitem(sys.modules, "bitsandbytes.optim", fake)
     opt, note = make_optimizer(two_groups(), settings("adamw_8bit"))

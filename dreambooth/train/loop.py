@@ -43,6 +43,7 @@ import torch
 from safetensors import safe_open
 
 from ..atomic import clean_stale_temps, fault_point
+from ..compat import autocast_dtypes, grad_scaler, grad_scaler_available, is_out_of_memory
 from ..config import WEIGHT_METHODS, Concept, TrainConfig, load_concepts_file, load_config, save_progress
 from ..data.captions import build_prompt
 from ..data.dataset import Example, TrainingData
@@ -85,10 +86,7 @@ AUTOCAST = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 NAN_HINT = ("lower the learning rate, use bf16 instead of fp16 mixed precision, or turn gradient clipping on; "
             "then resume from the last save")
 DISK_MARGIN = 1.1  # a save needs the bytes of what it writes plus this margin (headers, file system overhead)
-_OOM_TYPES = tuple({t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
-                    if t is not None})
 OOM_ENV = "DREAMBOOTH_OOM_AT"
-_OOM_TEXTS = ("out of memory", "can't allocate memory")  # CUDA / MPS / HIP, and torch's DefaultCPUAllocator
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                       "BOOL": 1}
 
@@ -106,6 +104,7 @@ class RunOptions:
     embeddings_dir: Path | None = None  # where embeddings are exported (the WebUI's embeddings folder)
     hypernetworks_dir: Path | None = None  # where hypernetworks are exported (the WebUI's hypernetworks folder)
     attention_default: str = "sdp"  # what "auto" means here; the WebUI adapter passes the WebUI's own choice
+    cpu_fp16: bool = False  # fp16 mixed precision on the CPU as on a GPU (autocast + grad scaler), not fp32
     install_signal_handlers: bool = True
     on_progress: Callable[[dict], None] | None = None  # called with the status after each write (host progress)
 
@@ -127,15 +126,22 @@ def class_dir_for(model: ModelDir, index: int, concept: Concept) -> Path:
     return Path(concept.class_data_dir) if concept.class_data_dir else model.path / "classes" / f"concept_{index}"
 
 
-def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or a clear refusal / fallback where the device cannot do it."""
+def autocast_dtype(mixed_precision: str, device: torch.device, cpu_fp16: bool = False) -> torch.dtype | None:
+    """The autocast dtype, or a clear refusal / fallback where the device cannot do it.
+
+    fp16 on the CPU (the default setting, made for GPUs) trains in fp32 unless ``cpu_fp16`` asks for the GPU's
+    fp16 path (autocast + grad scaler) there, which tests use to run that path without a GPU."""
     dtype = AUTOCAST[mixed_precision]
     if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("this GPU does not support bf16 mixed precision",
                         "set mixed precision to fp16 (or 'no' for full fp32)")
     if dtype is torch.float16 and device.type == "cpu":
-        log.warning("fp16 mixed precision needs a GPU; training in fp32 on the CPU")
-        return None
+        if not cpu_fp16:
+            log.warning("fp16 mixed precision needs a GPU; training in fp32 on the CPU")
+            return None
+        if torch.float16 not in autocast_dtypes("cpu") or not grad_scaler_available("cpu"):
+            raise UserError(f"fp16 mixed precision on the CPU needs torch 2.3 or newer (this is {torch.__version__})",
+                            "set mixed precision to bf16 or 'no' for the CPU, or train on a GPU")
     return dtype
 
 
@@ -215,7 +221,7 @@ class Trainer:
         self.resolution = cfg.resolution or get_family(cfg.family).resolution
         self._check_instance_images()
         self.models = load_models(self.model.working, cfg.family)
-        self.autocast = autocast_dtype(cfg.mixed_precision, self.device)
+        self.autocast = autocast_dtype(cfg.mixed_precision, self.device, self.opts.cpu_fp16)
         attention = self.opts.attention_default if cfg.attention == "auto" else cfg.attention
         self.attention = set_attention(self.models, attention)
         self._to_device()
@@ -427,7 +433,7 @@ class Trainer:
             log.warning("%s", note)
             self.status.update(note=note)
         self.trained_params = [p for g in groups for p in g["params"]]
-        uses_scaler = self.autocast is torch.float16 and self.device.type == "cuda"
+        uses_scaler = self.autocast is torch.float16  # fp16 needs loss scaling, on a GPU and on the CPU alike
         if cfg.fused_backward_step:
             check_fused(grad_accumulation=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm,
                         uses_grad_scaler=uses_scaler, optimizer=cfg.optimizer)
@@ -442,7 +448,7 @@ class Trainer:
             self.ema = EMA(m.unet.parameters(), cfg.ema_decay)
         elif cfg.use_ema:
             log.warning("EMA applies to full DreamBooth training of the UNet; it is off for this run")
-        self.scaler = torch.amp.GradScaler("cuda") if uses_scaler else None
+        self.scaler = grad_scaler(self.device.type) if uses_scaler else None
 
     def _paramwise_optimizer(self, groups: list[dict], settings: OptimizerSettings, note: str | None
                              ) -> ParamwiseOptimizer:
@@ -979,11 +985,6 @@ def oom_point(step: int, batch: int) -> None:
     at, _, above = spec.partition(":")
     if step == int(at) and batch > int(above or 0):
         raise RuntimeError(f"CUDA out of memory (injected by ${OOM_ENV} at step {step}, batch {batch})")
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """Whether ``err`` says a device (or the CPU allocator) ran out of memory."""
-    return isinstance(err, _OOM_TYPES) or any(text in str(err) for text in _OOM_TEXTS)
 
 
 def _tensor_bytes(obj: object) -> int:

@@ -119,27 +119,53 @@ def make_optimizer(param_groups: list[dict], settings: OptimizerSettings) -> tup
 
 def _adamw_8bit(groups: list[dict], settings: OptimizerSettings) -> tuple[torch.optim.Optimizer, str | None]:
     betas, eps, wd = tuple(settings.betas), settings.eps, settings.weight_decay
-    found = _find_adamw_8bit()
-    if isinstance(found, type):
-        return found(groups, lr=groups[0]["lr"], betas=betas, eps=eps, weight_decay=wd), None
-    note = f"{found}; using torch AdamW instead (it needs more memory for its state)."
+    device = next(p for g in groups for p in g["params"]).device
+    problem = adamw_8bit_problem(device.type)
+    if problem is None:
+        return _import("bitsandbytes.optim").AdamW8bit(groups, lr=groups[0]["lr"], betas=betas, eps=eps,
+                                                       weight_decay=wd), None
+    note = f"{problem}; using torch AdamW instead (it needs more memory for its state)."
     log.warning("%s", note)
     return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=betas, eps=eps, weight_decay=wd), note
 
 
-def _find_adamw_8bit() -> type | str:
-    """bitsandbytes' AdamW8bit class, or the reason it cannot be used, with what to do."""
-    if not torch.cuda.is_available():
-        return ("8-bit AdamW (bitsandbytes) needs an NVIDIA GPU with CUDA and none is available: "
-                "train on an NVIDIA GPU or pick adamw")
+_EIGHT_BIT_PROBLEMS: dict[str, str | None] = {}  # device type -> why 8-bit AdamW cannot run there (None: it can)
+
+
+def adamw_8bit_problem(device_type: str) -> str | None:
+    """None when bitsandbytes' 8-bit AdamW runs on ``device_type`` here, else why not and what to do.
+
+    Found out by one real step of a small AdamW8bit on that device (cached): bitsandbytes 0.48+ runs its 8-bit
+    optimizers on the CPU, older ones import without a GPU but fail at the first step; a broken CUDA setup fails
+    there too. So the answer is what will really run, not what a version number suggests."""
+    if device_type not in _EIGHT_BIT_PROBLEMS:
+        _EIGHT_BIT_PROBLEMS[device_type] = _probe_adamw_8bit(device_type)
+    return _EIGHT_BIT_PROBLEMS[device_type]
+
+
+def _probe_adamw_8bit(device_type: str) -> str | None:
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "8-bit AdamW (bitsandbytes) needs a CUDA device and none is available: pick adamw"
     try:
-        return _import("bitsandbytes.optim").AdamW8bit
+        bnb_optim = _import("bitsandbytes.optim")
     except ImportError as err:
         log.debug("bitsandbytes import failed: %s", err)
         return "8-bit AdamW needs bitsandbytes, which is not installed: pip install bitsandbytes, or pick adamw"
     except Exception as err:  # a broken install can fail in its CUDA setup with any error
         return (f"8-bit AdamW: importing bitsandbytes failed ({type(err).__name__}: {err}): reinstall it for your "
-                f"CUDA version (pip install -U bitsandbytes), or pick adamw")
+                "CUDA version (pip install -U bitsandbytes), or pick adamw")
+    param = torch.nn.Parameter(torch.zeros(4096, device=device_type))  # 4096: bitsandbytes' smallest 8-bit size
+    try:
+        optimizer = bnb_optim.AdamW8bit([param], lr=1e-3)
+        param.grad = torch.ones_like(param)
+        optimizer.step()
+    except Exception as err:
+        log.debug("bitsandbytes 8-bit step on %s failed: %r", device_type, err)
+        where = "the CPU" if device_type == "cpu" else f"this {device_type} device"
+        return (f"8-bit AdamW: the installed bitsandbytes cannot run it on {where} "
+                + ("(bitsandbytes 0.50 runs it on the CPU, beside a current torch): train on an NVIDIA GPU "
+                   "or pick adamw" if device_type == "cpu" else f"({type(err).__name__}: {err}): pick adamw"))
+    return None
 
 
 _ADAPTIVE = {  # name -> (module, class, pip package)
