@@ -64,12 +64,15 @@ def sample_all(pipe, count: int, seed: int) -> dict[str, list[np.ndarray]]:
     return {text: stock.sample(pipe, text, count, seed + i) for i, text in enumerate(prompts)}
 
 
-def train_method(name: str, settings: dict, root: Path, instances: Path, base: Path, timeout: float) -> Path:
-    """Create a model from the base, configure the method, train it in the tab's worker; the exported file."""
-    from dreambooth import jobs
+def subject_model(root: Path, name: str, settings: dict, base: Path = BASE_MODEL):
+    """A model dir created from ``base`` (as the tab's Create does) with the subject as its concept and ``settings``
+    (on top of COMMON; a ``concept`` entry holds concept settings)."""
     from dreambooth.config import Concept, load_config
     from dreambooth.create import create_model
 
+    instances = root / "instances"
+    if not instances.is_dir():
+        write_instance_images(instances)
     md = create_model(base, name, root)
     cfg = load_config(md.path)
     settings = {**COMMON, **settings}
@@ -80,6 +83,14 @@ def train_method(name: str, settings: dict, root: Path, instances: Path, base: P
     for key, value in settings.items():
         setattr(cfg, key, value)
     cfg.save(md.path)
+    return md
+
+
+def train_method(name: str, settings: dict, root: Path, base: Path, timeout: float) -> Path:
+    """Create a model from the base, configure the method, train it in the tab's worker; the exported file."""
+    from dreambooth import jobs
+
+    md = subject_model(root, name, settings, base)
     jobs.start(md, models_root=root, device="cpu", export_dir=root / "Stable-diffusion", lora_dir=root / "Lora",
                embeddings_dir=root / "embeddings", hypernetworks_dir=root / "hypernetworks")
     status = jobs.wait(md, timeout)
@@ -121,7 +132,6 @@ def run(out: Path, methods: list[str], samples: int, seed: int, workdir: Path, b
     started = time.time()
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     config_folder = stock.write_config_folder(workdir / "config", stock.file_configs(base))
-    instances = write_instance_images(workdir / "instances")
     rows: dict[str, dict[str, float]] = {}
     seconds: dict[str, float] = {}
     pipe = loader("base", base, base, config_folder)()
@@ -129,7 +139,7 @@ def run(out: Path, methods: list[str], samples: int, seed: int, workdir: Path, b
     log.info("base: %s", rows["base"])
     for name in methods:
         t = time.time()
-        exported = train_method(name, METHODS[name], workdir / "models", instances, base, timeout)
+        exported = train_method(name, METHODS[name], workdir / "models", base, timeout)
         seconds[name] = time.time() - t
         rows[name] = measure(sample_all(loader(name, base, exported, config_folder)(), samples, seed))
         log.info("%s (%.0f s training): %s", name, seconds[name], rows[name])
@@ -161,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s")
     for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE"):
         os.environ.setdefault(key, "1")
+    # one thread, here and in the workers: on a busy CPU, torch's default of one thread per core leaves its threads
+    # waiting on each other (a tiny model's step measured 20x slower with two threads on two loaded cores)
+    os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)

@@ -3,11 +3,14 @@
 Everything a caption can say is in the vocabulary below: a shape (circle, square, triangle, star) in a colour, on
 a background colour, in a place (four quadrants or the center), small or large. Rotation is free (no word for it).
 Each caption mentions the shape and, independently, some of the other attributes, so a short prompt ("a star")
-means "any star" and the model learns each word on its own.
+means "any star" and the model learns each word on its own. A quarter of the shapes are two-coloured (split in
+halves along their own axis); no caption word says so, nor names their colours.
 
-The *subject* is an object no caption word describes: a star split into a magenta half and a cyan half (colours
-outside the caption palette), rendered in a few instance images in different poses, places and backgrounds. Its
-class word is "star". Renders are deterministic: the same seed gives the same images and captions.
+The *subject* is such an object no caption describes: a star split into a magenta half and a cyan half, rendered
+in a few instance images in different poses, places and backgrounds. Its class word is "star"; the base model
+draws it only by chance (a two-coloured star in exactly these colours: about one "star" in a hundred), yet it lies
+within what the base model can draw, as a real subject lies within what Stable Diffusion can draw. Renders are
+deterministic: the same seed gives the same images and captions.
 """
 
 from __future__ import annotations
@@ -22,10 +25,10 @@ SIZE = 64
 SUPERSAMPLE = 4  # drawn at 4x and box-filtered down: smooth edges, as a photo would have
 
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220),
-    "yellow": (235, 210, 40), "white": (240, 240, 240), "black": (25, 25, 25),
+    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
+    "white": (240, 240, 240), "black": (25, 25, 25), "magenta": (220, 40, 220), "cyan": (40, 220, 220),
 }
-SUBJECT_COLOURS: dict[str, tuple[int, int, int]] = {"magenta": (220, 40, 220), "cyan": (40, 220, 220)}
+BACKGROUNDS = ("red", "green", "blue", "yellow", "white", "black")
 SHAPES = ("circle", "square", "triangle", "star")
 POSITIONS: dict[str, tuple[int, int]] = {  # anchor (x, y) of each place word
     "top left": (20, 20), "top right": (44, 20), "bottom left": (20, 44), "bottom right": (44, 44),
@@ -38,20 +41,23 @@ SYMMETRY = {"circle": 360.0, "square": 90.0, "triangle": 120.0, "star": 72.0}
 
 CLASS_WORD = "star"
 SUBJECT_WORD = "zwx"  # the rare word DreamBooth binds to the subject
-# how often a caption mentions each attribute (the shape is always named)
+SUBJECT_COLOURS = ("magenta", "cyan")  # the subject: a star of these two halves
+TWO_COLOURED = 0.25  # the share of two-coloured shapes in the world
+# how often a caption mentions each attribute (the shape is always named; a two-coloured shape's colours never)
 MENTION = {"size": 0.5, "colour": 0.8, "background": 0.7, "position": 0.6}
 
 
 @dataclass(frozen=True)
 class Scene:
     shape: str
-    colour: str  # a COLOURS name, or "subject" for the two-coloured subject
+    colour: str  # a COLOURS name
     background: str
     position: str
     size: str
     rotation: float = 0.0  # degrees
     dx: float = 0.0  # offset of the centre from the position's anchor, pixels
     dy: float = 0.0
+    colour2: str = ""  # the colour of the second half of a two-coloured shape ("": one colour)
 
     @property
     def centre(self) -> tuple[float, float]:
@@ -95,25 +101,30 @@ def render(scene: Scene) -> np.ndarray:
     canvas = Image.new("RGB", (SIZE * s, SIZE * s), COLOURS[scene.background])
     cx, cy = scene.centre
     mask = shape_mask(scene.shape, cx, cy, SIZES[scene.size], scene.rotation, s)
-    if scene.colour == "subject":
-        # the magenta half and the cyan half, split along the star's own axis (it turns with the star)
-        angle = math.radians(scene.rotation)
-        xs, ys = np.meshgrid(np.arange(SIZE * s) + 0.5, np.arange(SIZE * s) + 0.5)
-        side = (xs - cx * s) * math.cos(angle) + (ys - cy * s) * math.sin(angle) > 0
-        canvas.paste(SUBJECT_COLOURS["magenta"], (0, 0), mask)
-        cyan = Image.fromarray(((np.asarray(mask) > 0) & side).astype(np.uint8) * 255)
-        canvas.paste(SUBJECT_COLOURS["cyan"], (0, 0), cyan)
-    else:
-        canvas.paste(COLOURS[scene.colour], (0, 0), mask)
+    canvas.paste(COLOURS[scene.colour], (0, 0), mask)
+    if scene.colour2:  # the second half, split along the shape's own axis (it turns with the shape)
+        canvas.paste(COLOURS[scene.colour2], (0, 0), _half(mask, cx * s, cy * s, scene.rotation))
     return np.asarray(canvas.resize((SIZE, SIZE), Image.Resampling.BOX))
 
 
+def _half(mask: Image.Image, cx: float, cy: float, rotation: float) -> Image.Image:
+    """The part of ``mask`` on one side of the line through (cx, cy) at ``rotation`` degrees."""
+    angle = math.radians(rotation)
+    width, height = mask.size
+    xs, ys = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    side = (xs - cx) * math.cos(angle) + (ys - cy) * math.sin(angle) > 0
+    return Image.fromarray(((np.asarray(mask) > 0) & side).astype(np.uint8) * 255)
+
+
 def random_scene(rng: np.random.Generator, shape: str | None = None) -> Scene:
-    colour, background = rng.choice(list(COLOURS), size=2, replace=False)
-    return Scene(shape=str(shape or rng.choice(SHAPES)), colour=str(colour), background=str(background),
+    background = str(rng.choice(BACKGROUNDS))
+    colours = [c for c in COLOURS if c != background]
+    colour, colour2 = (str(c) for c in rng.choice(colours, size=2, replace=False))
+    two = rng.random() < TWO_COLOURED
+    return Scene(shape=str(shape or rng.choice(SHAPES)), colour=colour, background=background,
                  position=str(rng.choice(list(POSITIONS))), size=str(rng.choice(list(SIZES))),
                  rotation=float(rng.uniform(0, 360)), dx=float(rng.uniform(-JITTER, JITTER)),
-                 dy=float(rng.uniform(-JITTER, JITTER)))
+                 dy=float(rng.uniform(-JITTER, JITTER)), colour2=colour2 if two else "")
 
 
 def caption(scene: Scene, mentioned: set[str] | frozenset[str] = frozenset(MENTION), word: str | None = None) -> str:
@@ -122,7 +133,7 @@ def caption(scene: Scene, mentioned: set[str] | frozenset[str] = frozenset(MENTI
     words = ["a"]
     if "size" in mentioned:
         words.append(scene.size)
-    if "colour" in mentioned and scene.colour in COLOURS:
+    if "colour" in mentioned and not scene.colour2:
         words.append(scene.colour)
     if word:
         words.append(word)
@@ -149,12 +160,13 @@ def sample_world(count: int, seed: int) -> tuple[np.ndarray, list[str], list[Sce
 
 # --- the subject ------------------------------------------------------------------------------------------------
 
+MAGENTA, CYAN = SUBJECT_COLOURS
 SUBJECT_INSTANCES = (  # varied pose (rotation), place and background; large enough to show the pattern
-    Scene("star", "subject", "white", "top left", "large", rotation=10.0, dx=1.0, dy=-1.0),
-    Scene("star", "subject", "black", "bottom right", "large", rotation=50.0, dx=-2.0, dy=1.0),
-    Scene("star", "subject", "blue", "center", "large", rotation=-25.0, dx=0.0, dy=2.0),
-    Scene("star", "subject", "white", "top right", "large", rotation=80.0, dx=-1.0, dy=1.0),
-    Scene("star", "subject", "black", "bottom left", "large", rotation=-60.0, dx=2.0, dy=0.0),
+    Scene("star", MAGENTA, "white", "top left", "large", rotation=10.0, dx=1.0, dy=-1.0, colour2=CYAN),
+    Scene("star", MAGENTA, "black", "bottom right", "large", rotation=50.0, dx=-2.0, dy=1.0, colour2=CYAN),
+    Scene("star", MAGENTA, "blue", "center", "large", rotation=-25.0, dx=0.0, dy=2.0, colour2=CYAN),
+    Scene("star", MAGENTA, "white", "top right", "large", rotation=80.0, dx=-1.0, dy=1.0, colour2=CYAN),
+    Scene("star", MAGENTA, "black", "bottom left", "large", rotation=-60.0, dx=2.0, dy=0.0, colour2=CYAN),
 )
 
 
@@ -165,7 +177,7 @@ def subject_images() -> list[np.ndarray]:
 def subject_scene(rng: np.random.Generator, **fixed: str) -> Scene:
     """A random view of the subject (for tests of the analyser); ``fixed`` pins background, position or size."""
     base = random_scene(rng, shape=CLASS_WORD)
-    return replace(base, colour="subject", size=fixed.get("size", "large"), **{
+    return replace(base, colour=MAGENTA, colour2=CYAN, size=fixed.get("size", "large"), **{
         k: v for k, v in fixed.items() if k != "size"})
 
 
@@ -180,9 +192,5 @@ def render_free(rng: np.random.Generator) -> np.ndarray:
     mask = shape_mask(str(rng.choice(SHAPES)), cx, cy, radius, rotation, s)
     canvas.paste(tuple(int(c) for c in colours[1]), (0, 0), mask)
     if rng.random() < 1 / 3:
-        angle = math.radians(rotation)
-        xs, ys = np.meshgrid(np.arange(SIZE * s) + 0.5, np.arange(SIZE * s) + 0.5)
-        side = (xs - cx * s) * math.cos(angle) + (ys - cy * s) * math.sin(angle) > 0
-        half = Image.fromarray(((np.asarray(mask) > 0) & side).astype(np.uint8) * 255)
-        canvas.paste(tuple(int(c) for c in colours[2]), (0, 0), half)
+        canvas.paste(tuple(int(c) for c in colours[2]), (0, 0), _half(mask, cx * s, cy * s, rotation))
     return np.asarray(canvas.resize((SIZE, SIZE), Image.Resampling.BOX))
