@@ -100,9 +100,9 @@ def train_method(name: str, settings: dict, root: Path, base: Path, timeout: flo
     return Path(status["last_export"])
 
 
-def loader(name: str, base: Path, exported: Path, config_folder: Path) -> Callable[[], object]:
-    """How the ecosystem loads what a method exported, on top of the base where it is an add-on."""
-    method = METHODS[name]["method"] if name in METHODS else "base"
+def loader(method: str, base: Path, exported: Path, config_folder: Path) -> Callable[[], object]:
+    """How the ecosystem loads what a training ``method`` exported, on top of the base where it is an add-on
+    (``method`` "base": the base itself)."""
 
     def load():
         if method == "dreambooth":
@@ -141,7 +141,8 @@ def run(out: Path, methods: list[str], samples: int, seed: int, workdir: Path, b
         t = time.time()
         exported = train_method(name, METHODS[name], workdir / "models", base, timeout)
         seconds[name] = time.time() - t
-        rows[name] = measure(sample_all(loader(name, base, exported, config_folder)(), samples, seed))
+        pipe = loader(METHODS[name]["method"], base, exported, config_folder)()
+        rows[name] = measure(sample_all(pipe, samples, seed))
         log.info("%s (%.0f s training): %s", name, seconds[name], rows[name])
     result = {**rows, "_run": {
         "seconds_total": round(time.time() - started, 1), "seconds_training": {k: round(v, 1) for k, v in

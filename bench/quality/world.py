@@ -180,17 +180,3 @@ def subject_scene(rng: np.random.Generator, **fixed: str) -> Scene:
     return replace(base, colour=MAGENTA, colour2=CYAN, size=fixed.get("size", "large"), **{
         k: v for k, v in fixed.items() if k != "size"})
 
-
-def render_free(rng: np.random.Generator) -> np.ndarray:
-    """A render outside the captioned world, for the autoencoder: any colours (a third of the shapes two-coloured),
-    anywhere, any size. An autoencoder that has seen these can draw what the captions never name."""
-    s = SUPERSAMPLE
-    colours = rng.integers(0, 256, size=(3, 3))
-    canvas = Image.new("RGB", (SIZE * s, SIZE * s), tuple(int(c) for c in colours[0]))
-    cx, cy = rng.uniform(8, SIZE - 8, size=2)
-    radius, rotation = rng.uniform(6, 18), rng.uniform(0, 360)
-    mask = shape_mask(str(rng.choice(SHAPES)), cx, cy, radius, rotation, s)
-    canvas.paste(tuple(int(c) for c in colours[1]), (0, 0), mask)
-    if rng.random() < 1 / 3:
-        canvas.paste(tuple(int(c) for c in colours[2]), (0, 0), _half(mask, cx * s, cy * s, rotation))
-    return np.asarray(canvas.resize((SIZE, SIZE), Image.Resampling.BOX))
