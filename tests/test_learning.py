@@ -12,14 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from world_learning import base_shares, pipeline, subject_share, train
+from world_learning import LEARNT, base_shares, pipeline, subject_share, train
 
 from bench.quality import run, world
 from bench.quality.measures import CLASS_PROMPT
 from dreambooth.data.images import list_images
 
 DREAMBOOTH = dict(method="dreambooth", learning_rate=2e-4, epochs=20)
-LEARNT = 0.5  # a run that learnt the subject shows it in at least this share of samples more than the base
 
 
 def _exported(trainer) -> Path:

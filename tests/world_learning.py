@@ -20,6 +20,7 @@ from dreambooth.train.loop import RunOptions, Trainer
 BASE = run.BASE_MODEL
 SAMPLES = 12
 SEED = 5
+LEARNT = 0.5  # a run that learnt the subject shows it in at least this share of samples more than the base
 
 
 @cache
