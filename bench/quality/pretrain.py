@@ -43,8 +43,8 @@ from .world import SIZE, random_caption, sample_world
 log = logging.getLogger("bench.quality.pretrain")
 
 SCALING_FACTOR = 0.18215
-DEFAULTS = dict(seed=0, vae_steps=3000, vae_batch=16, vae_lr=3e-3, steps=8000, batch=32, lr=6e-4, warmup=300,
-                ema_decay=0.999, images=24000, caption_dropout=0.1)
+DEFAULTS = dict(seed=0, vae_steps=3000, vae_batch=16, vae_lr=3e-3, vae_images=20000, calibration_images=2000,
+                steps=8000, batch=32, lr=6e-4, warmup=300, ema_decay=0.999, images=24000, caption_dropout=0.1)
 
 
 def model_configs() -> dict[str, dict]:
@@ -70,12 +70,12 @@ def object_weights(x: torch.Tensor, weight: float = 5.0) -> torch.Tensor:
     return 1 + (weight - 1) * ((x - x[:, :, :1, :1]).abs().amax(1, keepdim=True) > 0.3).float()
 
 
-def train_vae(config: dict, steps: int, batch: int, lr: float, seed: int):
+def train_vae(config: dict, steps: int, batch: int, lr: float, seed: int, images: int):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    pool, _, _ = sample_world(20000, seed=seed + 4)
+    pool, _, _ = sample_world(images, seed=seed + 4)
     vae = AutoencoderKL.from_config(config)
     with torch.no_grad():  # start with a small posterior spread, as SD's trained VAE has: the decoder can read the
         vae.quant_conv.bias[config["latent_channels"]:] = -10.0  # latents from the first step on
@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in DEFAULTS.items():
         p.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
     p.add_argument("--eval-every", type=int, default=500, help="log the red-circle share every N steps (0: never)")
+    p.add_argument("--final-samples", type=int, default=32, help="samples of the final red-circle check (0: none)")
     p.add_argument("--snapshots", type=Path, default=None, help="also write the model at each evaluation here")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (the recipe's numbers are reproducible at the same thread count)")
@@ -274,16 +275,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.load_vae:
             vae = AutoencoderKL.from_pretrained(args.load_vae).eval()
         else:
-            vae = train_vae(configs["vae"], args.vae_steps, args.vae_batch, args.vae_lr, args.seed)
-            calibration, _, _ = sample_world(2000, seed=args.seed + 3)
+            vae = train_vae(configs["vae"], args.vae_steps, args.vae_batch, args.vae_lr, args.seed, args.vae_images)
+            calibration, _, _ = sample_world(args.calibration_images, seed=args.seed + 3)
             log.info("latent scale calibrated by x%.4f", calibrate_latent_scale(vae, calibration))
-            log.info("autoencoder reconstructions read back: %s", reconstruction_report(vae))
+            log.info("autoencoder reconstructions read back: %s",
+                     reconstruction_report(vae, count=min(200, args.calibration_images)))
             if args.save_vae:
                 vae.save_pretrained(args.save_vae)
         vae.requires_grad_(False)
         unet, text_encoder = train_denoiser(vae, configs, tokenizer, args, folder)
-        share = red_circle_on_blue(vae, text_encoder, tokenizer, unet, folder, count=32)
-        log.info("final: red circle on blue in %.0f%% of 32 samples", 100 * share)
+        if args.final_samples:
+            share = red_circle_on_blue(vae, text_encoder, tokenizer, unet, folder, count=args.final_samples)
+            log.info("final: red circle on blue in %.0f%% of %d samples", 100 * share, args.final_samples)
     write_checkpoint(args.out, configs, vae, text_encoder, unet, recipe(args))
     log.info("wrote %s (%.1f MB)", args.out, args.out.stat().st_size / 1e6)
     return 0
