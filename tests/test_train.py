@@ -285,6 +285,18 @@ def test_seed_makes_runs_repeatable(tmp_path, sd1):
     assert not changed(weights(a), weights(b)) and changed(weights(a), weights(c))
 
 
+def test_seed_makes_runs_with_dropout_repeatable(tmp_path, sd1):
+    """LoRA dropout draws from torch's global generator: the run seeds it, so the same seed gives the same LoRA
+    whatever ran in this process before."""
+    settings = dict(method="lora", lora_rank=4, lora_dropout=0.5, seed=3, epochs=1, images=2)
+    a, b = (make_training_model(tmp_path, sd1, name=n, **settings) for n in ("a", "b"))
+    run(a)
+    torch.rand(1000)  # anything else drawing from the global generator between the runs
+    run(b)
+    lora_a, lora_b = (load_file(str(md.path / "lora" / f"{md.name}.safetensors")) for md in (a, b))
+    assert all(torch.equal(lora_a[k], lora_b[k]) for k in lora_a)
+
+
 def test_repeats_and_epochs_set_the_step_count(tmp_path, sd1):
     trainer = run(make_training_model(tmp_path, sd1, concept={"repeats": 2}, epochs=2))
     assert trainer.total_steps == 4 * 2 * 2

@@ -217,6 +217,7 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg = self.cfg
+        torch.manual_seed(cfg.seed)  # dropout draws from the global generators (CPU and CUDA): a seeded run repeats
         self.concepts = resolve_concepts(cfg)
         self.resolution = cfg.resolution or get_family(cfg.family).resolution
         self._check_instance_images()
@@ -510,6 +511,8 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = t["step"], t["epoch"], t["batch_in_epoch"]
         self.base_revision = t["base_revision"]
         torch.set_rng_state(t["rng_torch"])
+        if t.get("rng_device") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(t["rng_device"], self.device)  # dropout on the GPU draws from its generator
         log.info("resumed from %s at step %d (epoch %d)", state.path.name, self.step, self.epoch)
 
     # ------------------------------------------------------------------------------------------------ stepping
@@ -717,6 +720,7 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None, "rng_torch": torch.get_rng_state(),
+            "rng_device": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "base_revision": self.base_revision,
         }
         save_state(self.model.checkpoints, self.step, trainer_state, weights, self.cfg.keep_resume_states)
