@@ -132,8 +132,25 @@ def test_webui_model_leaves_vram_during_training_and_comes_back(webui, tmp_path)
     deadline = time.time() + 2
     while len(sd_models.calls) < 3 and time.time() < deadline:  # the watcher ends, restores, refreshes
         time.sleep(0.02)
-    assert sd_models.calls == ["unload_model_weights", "reload_model_weights", "list_models"]
+    assert sd_models.calls == ["unload_model_weights", "send_model_to_device", "list_models"]
     assert sd_models.model_data.sd_model.device == "cuda" and not shared.state.active
+
+
+def test_standin_reload_leaves_an_unloaded_model_on_the_cpu(webui):
+    """What the real v1.10.1 does (HOST_API.md): reload_model_weights() with the same checkpoint returns at once."""
+    _, _, sd_models = webui
+    sd_models.model_data.sd_model = sd_models.FakeModel(next(iter(sd_models.checkpoints_list.values())))
+    sd_models.unload_model_weights()
+    sd_models.reload_model_weights()
+    assert sd_models.model_data.sd_model.device == "cpu"
+    sd_models.send_model_to_device(sd_models.model_data.sd_model)
+    assert sd_models.model_data.sd_model.device == "cuda"
+
+
+def test_restore_never_loads_a_model_the_webui_no_longer_holds(webui):
+    adapter, _, sd_models = webui
+    adapter.WebUIHost().restore_vram()
+    assert sd_models.calls == [] and sd_models.model_data.sd_model is None
 
 
 def test_setting_can_keep_the_model_in_vram(webui, tmp_path):

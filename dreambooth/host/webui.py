@@ -141,7 +141,14 @@ class WebUIHost:
         return True
 
     def restore_vram(self) -> None:
-        sd_models.reload_model_weights()
+        """Move the WebUI's model back to its device, as the WebUI's own "reload checkpoint" action does.
+
+        Not ``reload_model_weights()``: it returns at once when the checkpoint is unchanged and leaves the model on
+        the CPU. A model the WebUI no longer holds is not loaded again here.
+        """
+        model = getattr(sd_models.model_data, "sd_model", None)
+        if model is not None:
+            sd_models.send_model_to_device(model)
 
     def training_started(self, model: ModelDir, is_running: Callable[[], bool],
                          read_status: Callable[[], dict | None], poll_seconds: float = 1.0) -> None:

@@ -1,4 +1,9 @@
-"""Stand-in of modules/sd_models.py: the checkpoint list, the loaded model, unload/reload, list refresh."""
+"""Stand-in of modules/sd_models.py: the checkpoint list, the loaded model, unload/reload, list refresh.
+
+As in v1.10.1: ``unload_model_weights()`` moves the model to the CPU (``send_model_to_cpu``);
+``reload_model_weights()`` returns at once when the selected checkpoint is the one loaded, so it does NOT bring an
+unloaded model back; ``send_model_to_device(model)`` does (the WebUI's own "reload checkpoint" action).
+"""
 
 import os
 
@@ -19,13 +24,18 @@ class ModelData:
         self.sd_model = None  # None until a model is loaded
 
     def get_sd_model(self):
+        """As the WebUI's: the first access loads the selected checkpoint."""
+        if self.sd_model is None:
+            load_model()
         return self.sd_model
 
 
 class FakeModel:
     def __init__(self, info):
         self.sd_checkpoint_info = info
+        self.sd_model_checkpoint = info.filename
         self.device = "cuda"
+        self.lowvram = False
 
 
 checkpoints_list: dict[str, CheckpointInfo] = {}
@@ -44,13 +54,57 @@ def list_models():
                 checkpoints_list[info.title] = info
 
 
+def select_checkpoint():
+    """The checkpoint chosen in the settings, else the first listed one."""
+    info = checkpoints_list.get(shared.opts.data.get("sd_model_checkpoint"))
+    if info is None and checkpoints_list:
+        info = next(iter(checkpoints_list.values()))
+    return info
+
+
+def load_model(checkpoint_info=None):
+    calls.append("load_model")
+    info = checkpoint_info or select_checkpoint()
+    model_data.sd_model = FakeModel(info)
+    shared.opts.data["sd_model_checkpoint"] = info.title
+    return model_data.sd_model
+
+
+def _to_cpu(model):
+    model.device = "cpu"
+
+
+def _to_device(model):
+    model.device = "cuda"
+
+
+def send_model_to_cpu(m):
+    calls.append("send_model_to_cpu")
+    if m is not None:
+        _to_cpu(m)
+
+
+def send_model_to_device(m):
+    calls.append("send_model_to_device")
+    _to_device(m)
+
+
 def unload_model_weights(sd_model=None, info=None):
+    """As v1.10.1: send_model_to_cpu(sd_model or shared.sd_model)."""
     calls.append("unload_model_weights")
-    if model_data.sd_model is not None:
-        model_data.sd_model.device = "cpu"
+    _to_cpu(sd_model or shared.sd_model)
+    return sd_model
 
 
-def reload_model_weights(sd_model=None, info=None):
+def reload_model_weights(sd_model=None, info=None, forced_reload=False):
+    """As v1.10.1: nothing happens (the model stays where it is) when the checkpoint is the one loaded."""
     calls.append("reload_model_weights")
-    if model_data.sd_model is not None:
-        model_data.sd_model.device = "cuda"
+    checkpoint_info = info or select_checkpoint()
+    sd_model = sd_model or model_data.sd_model
+    if sd_model is None:
+        return load_model(checkpoint_info)
+    if sd_model.sd_model_checkpoint == checkpoint_info.filename and not forced_reload:
+        return sd_model
+    sd_model.sd_checkpoint_info, sd_model.sd_model_checkpoint = checkpoint_info, checkpoint_info.filename
+    _to_device(sd_model)
+    return sd_model

@@ -1,6 +1,8 @@
 """Stand-in of modules/shared.py: cmd_opts, opts with add_option/OptionInfo, and the progress state."""
 
 import argparse
+import sys
+import types
 
 
 class OptionInfo:
@@ -75,3 +77,16 @@ def reload_hypernetworks():
     global hypernetworks
     folder = Path(cmd_opts.hypernetwork_dir or os.path.join(paths_internal.models_path, "hypernetworks"))
     hypernetworks = {p.stem: str(p) for p in sorted(folder.rglob("*.pt"))}
+
+
+class _Shared(types.ModuleType):
+    """As the WebUI's modules.shared: ``sd_model`` is a property that loads the selected model on first access."""
+
+    @property
+    def sd_model(self):
+        from modules import sd_models
+
+        return sd_models.model_data.get_sd_model()
+
+
+sys.modules[__name__].__class__ = _Shared
