@@ -126,14 +126,15 @@ def test_webui_model_leaves_vram_during_training_and_comes_back(webui, tmp_path)
     host.training_started(ModelDir(tmp_path / "m"), lambda: running["value"], lambda: progress, poll_seconds=0.02)
     assert sd_models.calls == ["unload_model_weights"] and sd_models.model_data.sd_model.device == "cpu"
     time.sleep(0.1)
-    assert shared.state.active and shared.state.sampling_step == 3 and shared.state.sampling_steps == 10
+    assert shared.state.job == "dreambooth m" and shared.state.sampling_step == 3
+    assert shared.state.sampling_steps == 10
     assert "loss 0.2500" in shared.state.textinfo
     running["value"] = False
     deadline = time.time() + 2
     while len(sd_models.calls) < 3 and time.time() < deadline:  # the watcher ends, restores, refreshes
         time.sleep(0.02)
     assert sd_models.calls == ["unload_model_weights", "send_model_to_device", "list_models"]
-    assert sd_models.model_data.sd_model.device == "cuda" and not shared.state.active
+    assert sd_models.model_data.sd_model.device == "cuda" and shared.state.job == "" and shared.state.job_count == 0
 
 
 def test_standin_reload_leaves_an_unloaded_model_on_the_cpu(webui):
@@ -151,6 +152,52 @@ def test_restore_never_loads_a_model_the_webui_no_longer_holds(webui):
     adapter, _, sd_models = webui
     adapter.WebUIHost().restore_vram()
     assert sd_models.calls == [] and sd_models.model_data.sd_model is None
+
+
+def _wait_until(condition, timeout: float = 5.0) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_progress_is_mirrored_only_while_the_webui_is_idle(webui, tmp_path):
+    """A txt2img started during training keeps its own progress state; the run's mirror waits for it to end and
+    never ends the WebUI's job."""
+    adapter, shared, _ = webui
+    state = shared.state
+    polls = []
+    progress = {"state": "running", "step": 3, "total_steps": 10, "smoothed_loss": 0.25}
+    running = {"value": True}
+
+    def read_status():
+        polls.append(1)
+        return dict(progress)
+
+    def polls_later(n: int):
+        start = len(polls)
+        return lambda: len(polls) >= start + n
+
+    host = adapter.WebUIHost()
+    host.training_started(ModelDir(tmp_path / "m"), lambda: running["value"], read_status, poll_seconds=0.01)
+    _wait_until(lambda: state.sampling_step == 3 and state.textinfo and "step 3/10" in state.textinfo)
+    state.end()  # the WebUI's txt2img starts: its own job, its own steps
+    state.begin(job="task(txt2img)")
+    state.job_count, state.sampling_steps, state.sampling_step = 1, 20, 5
+    txt2img = (state.job, state.job_count, state.job_no, state.sampling_step, state.sampling_steps, state.textinfo)
+    progress["step"] = 4
+    _wait_until(polls_later(5))
+    assert (state.job, state.job_count, state.job_no, state.sampling_step, state.sampling_steps,
+            state.textinfo) == txt2img
+    state.end()  # the txt2img is done: the run is shown again
+    _wait_until(lambda: state.job == "dreambooth m" and state.sampling_step == 4 and state.sampling_steps == 10)
+    assert "step 4/10" in state.textinfo
+    state.begin(job="task(txt2img 2)")  # another one runs when training ends: it is left alone
+    state.job_count, state.sampling_steps, state.sampling_step = 1, 20, 7
+    _wait_until(polls_later(2))
+    running["value"] = False
+    _wait_until(lambda: not host._watchers)
+    assert (state.job, state.job_count, state.sampling_step, state.sampling_steps) == ("task(txt2img 2)", 1, 7, 20)
 
 
 def test_setting_can_keep_the_model_in_vram(webui, tmp_path):

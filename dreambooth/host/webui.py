@@ -157,23 +157,16 @@ class WebUIHost:
         ``is_running()`` and ``read_status()`` come from the jobs module; a thread watches the worker.
         """
         moved = self.free_vram()
-        shared.state.begin(job="dreambooth")
-        shared.state.job_count = 1
-        shared.state.textinfo = f"Dreambooth: training {model.name}"
+        job = f"dreambooth {model.name}"
 
         def watch() -> None:
             try:
                 while is_running():
-                    status = read_status() or {}
-                    shared.state.sampling_steps = int(status.get("total_steps") or 0)
-                    shared.state.sampling_step = int(status.get("step") or 0)
-                    loss = status.get("smoothed_loss")
-                    shared.state.textinfo = (f"Dreambooth {model.name}: step {shared.state.sampling_step}/"
-                                             f"{shared.state.sampling_steps}"
-                                             + (f", loss {loss:.4f}" if isinstance(loss, float) else ""))
+                    mirror_progress(job, model.name, read_status() or {})
                     time.sleep(poll_seconds)
             finally:
-                shared.state.end()
+                if shared.state.job == job:  # never end a job of the WebUI's own
+                    shared.state.end()
                 if moved:
                     self.restore_vram()
                 self.refresh_lists()  # the run's exports (checkpoints, LoRA files) appear at once
@@ -182,6 +175,30 @@ class WebUIHost:
         thread = threading.Thread(target=watch, name=f"dreambooth-watch-{model.name}", daemon=True)
         self._watchers[model.path] = thread
         thread.start()
+
+
+def mirror_progress(job: str, name: str, status: dict) -> bool:
+    """Show a run's progress in the WebUI's progress state (``/sdapi/v1/progress``, the progress bar) while the
+    WebUI is idle; True if shown.
+
+    ``shared.state`` belongs to whatever the WebUI generates: while it runs a job of its own (``state.job`` set by
+    its ``begin``) nothing is written, so a txt2img keeps its own progress; the run takes the state again once
+    the WebUI is idle (``job`` empty, ``job_count`` 0).
+    """
+    state = shared.state
+    if state.job != job:
+        if state.job or state.job_count:
+            return False
+        state.begin(job=job)
+    if state.job != job:  # the WebUI began a job of its own meanwhile
+        return False
+    step, total = int(status.get("step") or 0), int(status.get("total_steps") or 0)
+    loss = status.get("smoothed_loss")
+    state.job_count, state.job_no = 1, 0
+    state.sampling_steps, state.sampling_step = total, step
+    state.textinfo = (f"Dreambooth {name}: step {step}/{total}" + (f", loss {loss:.4f}" if isinstance(loss, float)
+                                                                    else ""))
+    return True
 
 
 def on_ui_settings() -> None:

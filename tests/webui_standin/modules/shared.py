@@ -38,7 +38,12 @@ class Options:
 
 
 class State:
-    """The WebUI's progress state (modules/shared_state.py)."""
+    """The WebUI's progress state (modules/shared_state.py of v1.10.1).
+
+    It belongs to whatever the WebUI runs: a txt2img calls ``begin(job=<task id>)``, sets ``job_count``,
+    ``sampling_steps`` and ``sampling_step`` as it goes, and ``end()`` when done; ``job == ""`` and ``job_count == 0``
+    mean the WebUI is idle.
+    """
 
     def __init__(self):
         self.job = ""
@@ -48,14 +53,29 @@ class State:
         self.sampling_steps = 0
         self.textinfo = None
         self.interrupted = False
+        self.skipped = False
         self.current_image = None
-        self.active = False
+        self.time_start = None
 
     def begin(self, job="(unknown)"):
-        self.job, self.active, self.sampling_step, self.sampling_steps = job, True, 0, 0
+        import time
+
+        self.sampling_step = 0
+        self.time_start = time.time()
+        self.job_count = -1
+        self.job_no = 0
+        self.current_image = None
+        self.skipped = False
+        self.interrupted = False
+        self.textinfo = None
+        self.job = job
 
     def end(self):
-        self.job, self.active = "", False
+        import time
+
+        time.time() - self.time_start  # the real end() fails like this when begin() was never called
+        self.job = ""
+        self.job_count = 0
 
 
 cmd_opts = argparse.Namespace(xformers=False, opt_sdp_attention=False, opt_sdp_no_mem_attention=False, medvram=False,
