@@ -37,7 +37,8 @@ def webui(tmp_path, monkeypatch):
 def test_settings_and_paths_come_from_the_webui(webui, tmp_path):
     adapter, shared, _ = webui
     adapter.on_ui_settings()
-    assert {"dreambooth_models_root", "dreambooth_free_webui_model", "dreambooth_attention"} <= set(
+    assert {"dreambooth_models_root", "dreambooth_free_webui_model", "dreambooth_attention",
+            "dreambooth_console_progress_seconds"} <= set(
         shared.opts.data_labels)
     host = adapter.WebUIHost()
     assert host.models_root() == (tmp_path / "models").resolve()
@@ -198,6 +199,63 @@ def test_progress_is_mirrored_only_while_the_webui_is_idle(webui, tmp_path):
     running["value"] = False
     _wait_until(lambda: not host._watchers)
     assert (state.job, state.job_count, state.sampling_step, state.sampling_steps) == ("task(txt2img 2)", 1, 7, 20)
+
+
+def _scripted_run(adapter, tmp_path, statuses: list[dict], reads_each: int = 3) -> None:
+    """A run whose status goes through ``statuses``, each read ``reads_each`` times by the watcher; returns when the
+    watcher is done."""
+    reads = {"n": 0}
+
+    def read_status():
+        index = min(reads["n"] // reads_each, len(statuses) - 1)
+        reads["n"] += 1
+        return dict(statuses[index])
+
+    host = adapter.WebUIHost()
+    host.training_started(ModelDir(tmp_path / "m"), lambda: reads["n"] < reads_each * len(statuses), read_status,
+                          poll_seconds=0.005)
+    _wait_until(lambda: not host._watchers)
+
+
+RUN = [{"state": "starting", "message": "starting the training process"},
+       {"state": "running", "message": "", "step": 1, "total_steps": 8, "smoothed_loss": 0.5, "it_per_s": 1.5,
+        "eta_s": 5.0},
+       {"state": "running", "message": "", "step": 2, "total_steps": 8, "smoothed_loss": 0.4, "it_per_s": 1.5,
+        "eta_s": 4.0},
+       {"state": "saving", "message": "saving at step 4", "step": 4, "total_steps": 8},
+       {"state": "running", "message": "saved at step 4", "step": 4, "total_steps": 8,
+        "last_export": "/x/m_4.safetensors"},
+       {"state": "done", "message": "training complete", "step": 8, "total_steps": 8, "smoothed_loss": 0.3,
+        "last_export": "/x/m_8.safetensors"}]
+
+
+def test_the_run_is_told_in_the_webuis_console_once_per_event(webui, tmp_path, capsys):
+    adapter, shared, _ = webui
+    adapter.on_ui_settings()
+    _scripted_run(adapter, tmp_path, RUN)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("Dreambooth m: training started") and "worker.log" in out[0]
+    assert out[1:] == ["Dreambooth m: starting - starting the training process",
+                       "Dreambooth m: step 1/8 (12%), loss 0.5000, 1.5 it/s, ETA 0:05",
+                       "Dreambooth m: saving - saving at step 4",
+                       "Dreambooth m: saved at step 4",
+                       "Dreambooth m: exported /x/m_4.safetensors",
+                       "Dreambooth m: done - training complete",
+                       "Dreambooth m: exported /x/m_8.safetensors",
+                       "Dreambooth m: step 8/8 (100%), loss 0.3000"]
+    # the setting's interval: 0 says only the events
+    shared.opts.data["dreambooth_console_progress_seconds"] = 0
+    _scripted_run(adapter, tmp_path, RUN)
+    assert not any(": step 1/8" in line for line in capsys.readouterr().out.splitlines())
+
+
+def test_a_worker_that_dies_is_told_in_the_console(webui, tmp_path, capsys):
+    adapter, _, _ = webui
+    _scripted_run(adapter, tmp_path, [RUN[1], {**RUN[1], "state": "failed", "message": "the training process "
+                                               "(pid 7) ended with exit code -9 while running"}])
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        "Dreambooth m: failed - the training process (pid 7) ended with exit code -9 while running",
+        "Dreambooth m: step 1/8 (12%), loss 0.5000, 1.5 it/s"]
 
 
 def test_setting_can_keep_the_model_in_vram(webui, tmp_path):

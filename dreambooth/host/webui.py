@@ -17,6 +17,7 @@ from pathlib import Path
 
 from modules import paths_internal, script_callbacks, sd_models, shared  # noqa: I001 - the WebUI's modules
 
+from ..console import ProgressLines
 from ..store import ModelDir
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,8 @@ SECTION = ("dreambooth", "Dreambooth")
 OPT_MODELS_ROOT = "dreambooth_models_root"
 OPT_FREE_VRAM = "dreambooth_free_webui_model"
 OPT_ATTENTION = "dreambooth_attention"
+OPT_CONSOLE_EVERY = "dreambooth_console_progress_seconds"
+CONSOLE_EVERY_DEFAULT = 10
 
 # the WebUI's cross-attention choice -> ours; anything else (Doggettx, InvokeAI, sub-quadratic, V1, None) is default
 _ATTENTION = {"xformers": "xformers", "sdp": "sdp", "sdp-no-mem": "sdp"}
@@ -152,18 +155,27 @@ class WebUIHost:
 
     def training_started(self, model: ModelDir, is_running: Callable[[], bool],
                          read_status: Callable[[], dict | None], poll_seconds: float = 1.0) -> None:
-        """Free VRAM now; mirror progress into the WebUI's state while the worker runs; bring the model back after.
+        """Free VRAM now; while the worker runs, say its progress in the WebUI's console and mirror it into the
+        WebUI's progress state; bring the model back after.
 
         ``is_running()`` and ``read_status()`` come from the jobs module; a thread watches the worker.
         """
         moved = self.free_vram()
         job = f"dreambooth {model.name}"
+        every = getattr(shared.opts, OPT_CONSOLE_EVERY, CONSOLE_EVERY_DEFAULT)
+        lines = ProgressLines(model.name, every_s=float(every or 0))
+        console(f"Dreambooth {model.name}: training started (the worker's own log: {model.logs / 'worker.log'})")
 
         def watch() -> None:
             try:
                 while is_running():
-                    mirror_progress(job, model.name, read_status() or {})
+                    status = read_status() or {}
+                    for line in lines.lines(status):
+                        console(line)
+                    mirror_progress(job, model.name, status)
                     time.sleep(poll_seconds)
+                for line in lines.lines(read_status()):  # the end, or how the worker failed
+                    console(line)
             finally:
                 if shared.state.job == job:  # never end a job of the WebUI's own
                     shared.state.end()
@@ -175,6 +187,12 @@ class WebUIHost:
         thread = threading.Thread(target=watch, name=f"dreambooth-watch-{model.name}", daemon=True)
         self._watchers[model.path] = thread
         thread.start()
+
+
+def console(line: str) -> None:
+    """One line in the WebUI's console. print, not logging: the WebUI shows no INFO records unless started with
+    --loglevel, and its own messages are printed too."""
+    print(line, flush=True)
 
 
 def mirror_progress(job: str, name: str, status: dict) -> bool:
@@ -211,6 +229,9 @@ def on_ui_settings() -> None:
         "auto", "Default memory attention for training ('auto' follows the WebUI's cross attention optimization)",
         component=_dropdown(), component_args={"choices": ["auto", "default", "sdp", "xformers"]},
         section=SECTION))
+    shared.opts.add_option(OPT_CONSOLE_EVERY, shared.OptionInfo(
+        CONSOLE_EVERY_DEFAULT, "Seconds between training progress lines in the console (step, loss, it/s, ETA; "
+        "0: only the start, saves, exports and the end)", section=SECTION))
 
 
 def _dropdown() -> object:
