@@ -29,9 +29,14 @@ def webui(tmp_path, monkeypatch):
     ckpt_dir.mkdir(parents=True)
     for name in ("a.safetensors", "b.ckpt"):
         (ckpt_dir / name).write_bytes(b"x")
-    sd_models.list_models()
+    sd_models.sha256_cache[str(ckpt_dir / "a.safetensors")] = A_SHA256  # a was loaded in an earlier session
+    sd_models.list_models()  # the WebUI lists its checkpoints at start, before extensions load; nothing is loaded
     sd_models.calls.clear()
     return adapter, shared, sd_models
+
+
+A_SHA256 = "abcdef0123" + "4" * 54
+A_TITLE, B_TITLE = "a.safetensors [abcdef0123]", "b.ckpt"  # b was never hashed: its title has no hash
 
 
 def test_settings_and_paths_come_from_the_webui(webui, tmp_path):
@@ -54,14 +59,49 @@ def test_source_list_and_loaded_checkpoint(webui, tmp_path):
     adapter, shared, sd_models = webui
     host = adapter.WebUIHost()
     folder = tmp_path / "models" / "Stable-diffusion"
-    assert host.checkpoints() == [str(folder / "a.safetensors"), str(folder / "b.ckpt")]
+    assert host.checkpoints() == {A_TITLE: str(folder / "a.safetensors"), B_TITLE: str(folder / "b.ckpt")}
     assert host.loaded_checkpoint() is None
-    title = next(t for t, i in sd_models.checkpoints_list.items() if i.name == "b.ckpt")
-    shared.opts.data["sd_model_checkpoint"] = title  # selected in the settings, not loaded yet
-    assert host.loaded_checkpoint() == str(folder / "b.ckpt")
-    info = next(i for i in sd_models.checkpoints_list.values() if i.name == "a.safetensors")
-    sd_models.model_data.sd_model = sd_models.FakeModel(info)  # the model actually loaded wins
-    assert host.loaded_checkpoint() == str(folder / "a.safetensors")
+    shared.opts.data["sd_model_checkpoint"] = "b"  # selected in the settings (by any of its names), not loaded yet
+    assert host.loaded_checkpoint() == B_TITLE
+    sd_models.load_model(sd_models.checkpoints_list[A_TITLE])  # the model actually loaded wins
+    assert host.checkpoints()[host.loaded_checkpoint()] == str(folder / "a.safetensors")
+    sd_models.load_model(sd_models.checkpoints_list[B_TITLE])  # loading hashes it: its title gets the hash
+    b_title = next(t for t in sd_models.checkpoints_list if t.startswith("b.ckpt ["))
+    assert host.loaded_checkpoint() == b_title and b_title in host.checkpoints()
+    sd_models.list_models()  # a refresh makes new entries; the loaded model's is still found by its file
+    assert host.loaded_checkpoint() == b_title
+
+
+def test_the_source_list_shows_the_webuis_titles_with_no_model_loaded(webui, tmp_path):
+    """The WebUI started without loading a model: the tab, the handlers and the API list its checkpoints by the
+    WebUI's own titles and map each back to its file; a file added later appears after a refresh."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from dreambooth.api import add_routes
+    from dreambooth.ui import compat
+    from dreambooth.ui.handlers import TabHandlers
+    from dreambooth.ui.tab import build_tab
+
+    adapter, shared, sd_models = webui
+    folder = tmp_path / "models" / "Stable-diffusion"
+    host = adapter.WebUIHost()
+    assert sd_models.model_data.sd_model is None and "sd_model_checkpoint" not in shared.opts.data
+    demo = build_tab(host)
+    source = next(c for c in compat.components(demo) if getattr(c, "elem_id", None) == "dreambooth_source")
+    assert [c[0] if isinstance(c, (tuple, list)) else c for c in source.choices] == [A_TITLE, B_TITLE]
+    handlers = TabHandlers(host)
+    assert handlers.checkpoint_path(A_TITLE) == folder / "a.safetensors"
+    assert handlers.checkpoint_path(B_TITLE) == folder / "b.ckpt"
+    app = FastAPI()
+    add_routes(app, host)
+    listed = TestClient(app).get("/dreambooth/checkpoints").json()["checkpoints"]
+    assert listed == [{"title": A_TITLE, "path": str(folder / "a.safetensors")},
+                      {"title": B_TITLE, "path": str(folder / "b.ckpt")}]
+    (folder / "sub").mkdir()
+    (folder / "sub" / "c.safetensors").write_bytes(b"x")  # put there after the WebUI started
+    assert handlers.refresh_checkpoints("") == compat.update(choices=[A_TITLE, B_TITLE, "sub/c.safetensors"])
+    assert handlers.checkpoint_path("sub/c.safetensors") == folder / "sub" / "c.safetensors"
 
 
 @pytest.mark.parametrize("choice, xformers_flag, expected", [

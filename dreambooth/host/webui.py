@@ -88,19 +88,30 @@ class WebUIHost:
         custom = getattr(shared.cmd_opts, "hypernetwork_dir", None)
         return Path(custom) if custom else Path(paths_internal.models_path) / "hypernetworks"
 
-    def checkpoints(self) -> list[str]:
-        """The files of the WebUI's checkpoint list, in its order."""
-        return [info.filename for info in sd_models.checkpoints_list.values()]
+    def checkpoints(self) -> dict[str, str]:
+        """The WebUI's checkpoint list as it shows it: title (``name [hash]``, or ``name`` for a file it never
+        hashed) -> file, in its order."""
+        return {title: info.filename for title, info in sd_models.checkpoints_list.items()}
+
+    def refresh_checkpoints(self) -> None:
+        """List the checkpoint folder again, as the WebUI's own refresh button does (a file put there after the
+        WebUI started appears)."""
+        sd_models.list_models()
 
     def loaded_checkpoint(self) -> str | None:
-        """The file of the checkpoint the WebUI has selected, without loading a model to find out."""
+        """The title of the checkpoint the WebUI has loaded, else of the one selected in its settings (without
+        loading a model to find out); None when neither is in its list."""
         model = getattr(getattr(sd_models, "model_data", None), "sd_model", None)
         info = getattr(model, "sd_checkpoint_info", None)
-        if info is not None:
-            return info.filename
-        title = getattr(shared.opts, "sd_model_checkpoint", None)
-        info = sd_models.checkpoints_list.get(title) if title else None
-        return info.filename if info is not None else None
+        if info is None:
+            selected = getattr(shared.opts, "sd_model_checkpoint", None)
+            aliases = getattr(sd_models, "checkpoint_aliases", None) or sd_models.checkpoints_list
+            info = aliases.get(selected) if selected else None
+        if info is None:
+            return None
+        # the list's own entry for that file: after a refresh or a hash the loaded model's info may be an older one
+        titles = [title for title, listed in sd_models.checkpoints_list.items() if listed.filename == info.filename]
+        return titles[0] if titles else None
 
     def attention_default(self) -> str:
         """Our settings page's choice, or (by default) whatever the WebUI itself runs with."""

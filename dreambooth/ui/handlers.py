@@ -12,7 +12,7 @@ import html
 import logging
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -34,17 +34,20 @@ LOG_LINES = 12  # worker log lines shown (gradio 3 shows a textbox from its top,
 class Host(Protocol):
     """What the tab needs from its host (the WebUI adapter or the standalone one).
 
+    ``checkpoints()`` lists the source checkpoints: paths (relative to ``checkpoint_dir()`` unless absolute), or a
+    mapping of the titles to show to their files (the WebUI's ``name [hash]`` titles).
+
     Optional: ``device() -> str | None`` (the worker's torch device; None picks CUDA when available),
-    ``checkpoint_path(choice) -> Path`` (the file behind an entry of ``checkpoints()``; by default the entry is a
-    path, relative to ``checkpoint_dir()`` unless absolute) and ``training_started(model, is_running=...,
-    read_status=...)`` (called after a worker started, as the HTTP API does).
+    ``checkpoint_path(choice) -> Path`` (the file behind an entry of ``checkpoints()``), ``refresh_checkpoints()``
+    (list the checkpoint folder again before ``checkpoints()`` is asked) and ``training_started(model,
+    is_running=..., read_status=...)`` (called after a worker started, as the HTTP API does).
     """
 
     def models_root(self) -> Path: ...
 
     def checkpoint_dir(self) -> Path: ...
 
-    def checkpoints(self) -> list[str]: ...
+    def checkpoints(self) -> list[str] | Mapping[str, str]: ...
 
     def loaded_checkpoint(self) -> str | None: ...
 
@@ -118,7 +121,14 @@ class TabHandlers:
         device = getattr(self.host, "device", None)
         return device() if callable(device) else device
 
-    def _listed_path(self, choice: str) -> Path:
+    def checkpoint_choices(self) -> list[str]:
+        """What the source list shows: the host's titles, or its paths."""
+        return list(self.host.checkpoints())
+
+    def _listed_path(self, choice: str, listed: list[str] | Mapping[str, str] | None = None) -> Path:
+        listed = self.host.checkpoints() if listed is None else listed
+        if isinstance(listed, Mapping) and choice in listed:
+            return Path(listed[choice])
         resolve = getattr(self.host, "checkpoint_path", None)
         if callable(resolve):
             return Path(resolve(choice))
@@ -128,9 +138,10 @@ class TabHandlers:
     def checkpoint_path(self, choice: str) -> Path:
         """The source file for an entry of the checkpoint list, or a path typed by hand inside the checkpoint
         folder; anything else is refused, as by the HTTP API, so the tab never reads other files of the machine."""
-        path = self._listed_path(choice).resolve()
+        entries = self.host.checkpoints()
+        path = self._listed_path(choice, entries).resolve()
         root = Path(self.host.checkpoint_dir()).resolve()
-        listed = {self._listed_path(c).resolve() for c in self.host.checkpoints()}
+        listed = {self._listed_path(c, entries).resolve() for c in entries}
         if path not in listed and (path == root or not path.is_relative_to(root)):
             raise UserError(f"{choice} is not in the checkpoint folder {root}",
                             "pick a checkpoint from the list, or put the file into that folder")
@@ -179,8 +190,12 @@ class TabHandlers:
         return compat.update(choices=choices)
 
     def refresh_checkpoints(self, current: str | None) -> Any:
-        """New choices; with nothing picked yet, the checkpoint the host has loaded is picked."""
-        choices = self.host.checkpoints()
+        """The host's list read again (new files appear); with nothing picked yet, the checkpoint the host has
+        loaded is picked."""
+        refresh = getattr(self.host, "refresh_checkpoints", None)
+        if callable(refresh):
+            refresh()
+        choices = self.checkpoint_choices()
         loaded = self.host.loaded_checkpoint()
         if not current and loaded:
             return compat.update(choices=choices, value=loaded)

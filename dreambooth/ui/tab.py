@@ -98,9 +98,9 @@ def build_tab(host: Host) -> Any:
                     with gr.Tab("Model", id="dreambooth_model_tab", elem_id="dreambooth_model_tab"):
                         info = compat.make(gr.HTML, value="", elem_id="dreambooth_model_info")
                         with gr.Row():
-                            source = compat.dropdown(host.checkpoints(), host.loaded_checkpoint(), custom=True,
-                                                     label="Source checkpoint", elem_id="dreambooth_source",
-                                                     scale=3)
+                            source = compat.dropdown(handlers.checkpoint_choices(), host.loaded_checkpoint(),
+                                                     custom=True, label="Source checkpoint",
+                                                     elem_id="dreambooth_source", scale=3)
                             refresh_sources = compat.make(gr.Button, value=REFRESH_SYMBOL, size="sm", scale=0,
                                                           min_width=40, elem_id="dreambooth_refresh_sources")
                         with gr.Row():

@@ -5,18 +5,56 @@ As in v1.10.1: ``unload_model_weights()`` moves the model to the CPU (``send_mod
 unloaded model back; ``send_model_to_device(model)`` does (the WebUI's own "reload checkpoint" action).
 """
 
+import hashlib
 import os
 
 from modules import paths_internal, shared
 
 
+def checkpoint_folder():
+    return shared.cmd_opts.ckpt_dir or os.path.join(paths_internal.models_path, "Stable-diffusion")
+
+
 class CheckpointInfo:
+    """As v1.10.1's: ``name`` is the path inside the checkpoint folder; ``title`` is ``name [shorthash]`` once the
+    file's sha256 is known (hashed when first loaded, then cached across starts), else just ``name``."""
+
     def __init__(self, filename):
         self.filename = filename
-        self.name = os.path.basename(filename)
-        self.title = f"{self.name} [0123456789]"
-        self.hash = self.sha256 = self.shorthash = "0123456789"
+        self.name = os.path.relpath(filename, checkpoint_folder()).replace(os.sep, "/")
+        if self.name.startswith(".."):
+            self.name = os.path.basename(filename)
+        self.name_for_extra = os.path.splitext(os.path.basename(filename))[0]
+        self.model_name = os.path.splitext(self.name.replace("/", "_"))[0]
+        self.hash = "01234567"
+        self.sha256 = sha256_cache.get(filename)
+        self.shorthash = self.sha256[:10] if self.sha256 else None
+        self.title = f"{self.name} [{self.shorthash}]" if self.shorthash else self.name
+        self.short_title = f"{self.name_for_extra} [{self.shorthash}]" if self.shorthash else self.name_for_extra
         self.metadata = {}
+
+    @property
+    def ids(self):
+        ids = [self.model_name, self.title, self.name, self.name_for_extra]
+        if self.shorthash:
+            ids += [self.shorthash, self.sha256, f"{self.name} [{self.shorthash}]", self.short_title]
+        return ids
+
+    def register(self):
+        checkpoints_list[self.title] = self
+        for alias in self.ids:
+            checkpoint_aliases[alias] = self
+
+    def calculate_shorthash(self):
+        """Hash the file (the WebUI does when it loads it) and re-register under the title with the hash."""
+        with open(self.filename, "rb") as fh:
+            self.sha256 = sha256_cache[self.filename] = hashlib.sha256(fh.read()).hexdigest()
+        checkpoints_list.pop(self.title, None)
+        self.shorthash = self.sha256[:10]
+        self.title = f"{self.name} [{self.shorthash}]"
+        self.short_title = f"{self.name_for_extra} [{self.shorthash}]"
+        self.register()
+        return self.shorthash
 
 
 class ModelData:
@@ -38,25 +76,28 @@ class FakeModel:
         self.lowvram = False
 
 
-checkpoints_list: dict[str, CheckpointInfo] = {}
+checkpoints_list: dict[str, CheckpointInfo] = {}  # title -> info, what the WebUI's checkpoint dropdown shows
+checkpoint_aliases: dict[str, CheckpointInfo] = {}  # title, name, hash, ... -> info
+sha256_cache: dict[str, str] = {}  # file -> sha256, the WebUI's cache.json
 model_data = ModelData()
 calls: list[str] = []  # what the extension asked of the WebUI, in order
 
 
 def list_models():
+    """The WebUI calls this once at start, before extensions load, and again from its refresh button."""
     calls.append("list_models")
     checkpoints_list.clear()
-    folder = shared.cmd_opts.ckpt_dir or os.path.join(paths_internal.models_path, "Stable-diffusion")
-    if os.path.isdir(folder):
-        for name in sorted(os.listdir(folder)):
+    checkpoint_aliases.clear()
+    folder = checkpoint_folder()
+    for root, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
             if name.endswith((".safetensors", ".ckpt")):
-                info = CheckpointInfo(os.path.join(folder, name))
-                checkpoints_list[info.title] = info
+                CheckpointInfo(os.path.join(root, name)).register()
 
 
 def select_checkpoint():
     """The checkpoint chosen in the settings, else the first listed one."""
-    info = checkpoints_list.get(shared.opts.data.get("sd_model_checkpoint"))
+    info = checkpoint_aliases.get(shared.opts.data.get("sd_model_checkpoint"))
     if info is None and checkpoints_list:
         info = next(iter(checkpoints_list.values()))
     return info
@@ -65,6 +106,7 @@ def select_checkpoint():
 def load_model(checkpoint_info=None):
     calls.append("load_model")
     info = checkpoint_info or select_checkpoint()
+    info.calculate_shorthash()
     model_data.sd_model = FakeModel(info)
     shared.opts.data["sd_model_checkpoint"] = info.title
     return model_data.sd_model
