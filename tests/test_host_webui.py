@@ -102,6 +102,8 @@ def test_the_source_list_shows_the_webuis_titles_with_no_model_loaded(webui, tmp
     (folder / "sub" / "c.safetensors").write_bytes(b"x")  # put there after the WebUI started
     assert handlers.refresh_checkpoints("") == compat.update(choices=[A_TITLE, B_TITLE, "sub/c.safetensors"])
     assert handlers.checkpoint_path("sub/c.safetensors") == folder / "sub" / "c.safetensors"
+    sd_models.load_model(sd_models.checkpoints_list[B_TITLE])  # b is hashed: its title changes under a pick
+    assert B_TITLE not in host.checkpoints() and handlers.checkpoint_path(B_TITLE) == folder / "b.ckpt"
 
 
 @pytest.mark.parametrize("choice, xformers_flag, expected", [

@@ -93,6 +93,16 @@ class WebUIHost:
         hashed) -> file, in its order."""
         return {title: info.filename for title, info in sd_models.checkpoints_list.items()}
 
+    def checkpoint_path(self, choice: str) -> Path:
+        """The file behind a title, or any other name the WebUI knows it by (a title from before the file was
+        hashed, its name without the folder, ...); else ``choice`` as a path, relative to the checkpoint folder."""
+        aliases = getattr(sd_models, "checkpoint_aliases", None) or sd_models.checkpoints_list
+        info = aliases.get(choice)
+        if info is not None:
+            return Path(info.filename)
+        path = Path(choice).expanduser()
+        return path if path.is_absolute() else self.checkpoint_dir() / path
+
     def refresh_checkpoints(self) -> None:
         """List the checkpoint folder again, as the WebUI's own refresh button does (a file put there after the
         WebUI started appears)."""
