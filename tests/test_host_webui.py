@@ -106,6 +106,17 @@ def test_the_source_list_shows_the_webuis_titles_with_no_model_loaded(webui, tmp
     assert B_TITLE not in host.checkpoints() and handlers.checkpoint_path(B_TITLE) == folder / "b.ckpt"
 
 
+def test_settings_have_their_own_section_under_training(webui):
+    """On the WebUI's settings page our options form one page, "Dreambooth", listed under "Training" (a section
+    without a category is listed under "Uncategorized")."""
+    adapter, shared, _ = webui
+    adapter.on_ui_settings()
+    shared.opts.reorder()  # as the settings page does before it is built
+    ours = {k: v for k, v in shared.opts.data_labels.items() if k.startswith("dreambooth_")}
+    assert len(ours) == 4 and {v.section for v in ours.values()} == {("dreambooth", "Dreambooth")}
+    assert shared.opts.section_categories()["Dreambooth"] == "Training"
+
+
 @pytest.mark.parametrize("choice, xformers_flag, expected", [
     ("xformers", False, "xformers"), ("sdp", False, "sdp"), ("sdp-no-mem", False, "sdp"),
     ("Doggettx", False, "default"), ("InvokeAI", False, "default"), ("Automatic", True, "xformers"),

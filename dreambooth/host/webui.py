@@ -23,6 +23,7 @@ from ..store import ModelDir
 log = logging.getLogger(__name__)
 
 SECTION = ("dreambooth", "Dreambooth")
+SETTINGS_CATEGORY = "training"  # the WebUI's settings heading "Training" (its shared_options registers it)
 OPT_MODELS_ROOT = "dreambooth_models_root"
 OPT_FREE_VRAM = "dreambooth_free_webui_model"
 OPT_ATTENTION = "dreambooth_attention"
@@ -241,18 +242,23 @@ def mirror_progress(job: str, name: str, status: dict) -> bool:
 
 
 def on_ui_settings() -> None:
-    shared.opts.add_option(OPT_MODELS_ROOT, shared.OptionInfo(
-        "", "Dreambooth models root (empty: the WebUI's models folder; model dirs go in <root>/dreambooth)",
-        section=SECTION))
-    shared.opts.add_option(OPT_FREE_VRAM, shared.OptionInfo(
-        True, "Move the WebUI's loaded model out of VRAM while training", section=SECTION))
-    shared.opts.add_option(OPT_ATTENTION, shared.OptionInfo(
-        "auto", "Default memory attention for training ('auto' follows the WebUI's cross attention optimization)",
-        component=_dropdown(), component_args={"choices": ["auto", "default", "sdp", "xformers"]},
-        section=SECTION))
-    shared.opts.add_option(OPT_CONSOLE_EVERY, shared.OptionInfo(
-        CONSOLE_EVERY_DEFAULT, "Seconds between training progress lines in the console (step, loss, it/s, ETA; "
-        "0: only the start, saves, exports and the end)", section=SECTION))
+    """Our settings on a page of their own, "Dreambooth", listed under the WebUI's "Training" heading."""
+    options = {
+        OPT_MODELS_ROOT: shared.OptionInfo(
+            "", "Dreambooth models root (empty: the WebUI's models folder; model dirs go in <root>/dreambooth)"),
+        OPT_FREE_VRAM: shared.OptionInfo(True, "Move the WebUI's loaded model out of VRAM while training"),
+        OPT_ATTENTION: shared.OptionInfo(
+            "auto", "Default memory attention for training ('auto' follows the WebUI's cross attention optimization)",
+            component=_dropdown(), component_args={"choices": ["auto", "default", "sdp", "xformers"]}),
+        OPT_CONSOLE_EVERY: shared.OptionInfo(
+            CONSOLE_EVERY_DEFAULT, "Seconds between training progress lines in the console (step, loss, it/s, "
+            "ETA; 0: only the start, saves, exports and the end)"),
+    }
+    for key, info in options.items():
+        info.section = SECTION
+        if hasattr(info, "category_id"):  # WebUI 1.6+: without a category the page is listed under "Uncategorized"
+            info.category_id = SETTINGS_CATEGORY
+        shared.opts.add_option(key, info)
 
 
 def _dropdown() -> object:

@@ -1,40 +1,15 @@
-"""Stand-in of modules/shared.py: cmd_opts, opts with add_option/OptionInfo, and the progress state."""
+"""Stand-in of modules/shared.py: cmd_opts, opts with add_option/OptionInfo (modules/options.py), the progress
+state, and the ``sd_model`` property."""
 
 import argparse
 import sys
 import types
 
+from modules import options
 
-class OptionInfo:
-    def __init__(self, default=None, label="", component=None, component_args=None, onchange=None, section=None,
-                 refresh=None, comment_before="", comment_after="", infotext=None, restrict_api=False,
-                 category_id=None):
-        self.default = default
-        self.label = label
-        self.component = component
-        self.component_args = component_args
-        self.onchange = onchange
-        self.section = section
-        self.refresh = refresh
-
-
-class Options:
-    def __init__(self):
-        self.data_labels: dict[str, OptionInfo] = {}
-        self.data: dict[str, object] = {"cross_attention_optimization": "Automatic"}
-
-    def add_option(self, key, info):
-        self.data_labels[key] = info
-        self.data.setdefault(key, info.default)
-
-    def __getattr__(self, item):
-        data = self.__dict__.get("data", {})
-        if item in data:
-            return data[item]
-        labels = self.__dict__.get("data_labels", {})
-        if item in labels:
-            return labels[item].default
-        raise AttributeError(item)
+OptionInfo = options.OptionInfo
+Options = options.Options
+options_section = options.options_section
 
 
 class State:
