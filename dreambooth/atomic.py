@@ -1,4 +1,5 @@
-"""Atomic file writes: write to a temporary name in the same folder, fsync, rename into place.
+"""Atomic file writes: write to a temporary name in the same folder, fsync, rename into place. Files and folders
+get the normal mode (0666 / 0777 less the umask), as any file the user creates.
 
 A crash or a full disk mid-write leaves the previous file untouched and at most a stray
 ``*.tmp-*`` file, which :func:`clean_stale_temps` removes.
@@ -12,15 +13,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 TMP_MARK = ".tmp-"
+FILE_MODE = 0o666  # less the umask: what open() gives a new file
+DIR_MODE = 0o777  # less the umask: what mkdir gives a new folder
 FAULT_ENV = "DREAMBOOTH_FAULT_AT"
 _fault_counts: dict[str, int] = {}
 
@@ -51,9 +54,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it is fsynced and renamed onto ``target``."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}{TMP_MARK}", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _new_temp(target, lambda path: os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)))
     try:
         yield tmp
         fault_point("write", f"write{target.suffix}")
@@ -63,6 +64,23 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _new_temp(target: Path, create: Callable[[Path], None]) -> Path:
+    """A new temporary name beside ``target``, created by ``create(path)`` (which must fail if it exists).
+
+    Not ``mkstemp`` / ``mkdtemp``: they create with mode 0600 / 0700, which the rename would give the final file,
+    so a WebUI or file server running as another user could not read it. Created with 0666 / 0777, the umask
+    gives the normal mode, as for any file the user creates.
+    """
+    for _ in range(100):
+        tmp = target.parent / f".{target.name}{TMP_MARK}{secrets.token_hex(4)}"
+        try:
+            create(tmp)
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary name beside {target}")
 
 
 def write_bytes(target: str | os.PathLike[str], data: bytes) -> None:
@@ -92,7 +110,7 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP_MARK}", dir=target.parent))
+    tmp = _new_temp(target, lambda path: os.mkdir(path, DIR_MODE))
     try:
         yield tmp
         os.rename(tmp, target)
