@@ -561,3 +561,17 @@ def test_settings_of_other_methods_are_hidden():
                                   ("lora", ["lora_rank", "learning_rate"], ["use_ema", "export_ema"])):
         visible = shown_for_method(method, controls)
         assert all(visible[names[n]] for n in shown) and not any(visible[names[n]] for n in hidden)
+
+
+def test_changing_the_optimizer_hides_the_settings_it_ignores(built):
+    demo, _, components = built
+    wired = [f for f in compat.event_functions(demo) if getattr(f, "__name__", "") == "show_for"]
+    assert len(wired) == 2  # run when the method changes and when the optimizer changes
+
+    def hidden(method: str, optimizer: str) -> int:
+        return sum(1 for update in wired[0](method, optimizer) if update.get("visible") is False)
+
+    assert hidden("dreambooth", "adafactor") == hidden("dreambooth", "adamw") + 3  # both betas and the epsilon
+    assert hidden("dreambooth", "lion") == hidden("dreambooth", "adamw") + 1  # the epsilon
+    assert hidden("lora", "adafactor") == hidden("lora", "adamw") + 3
+    assert components["dbt_adam_epsilon"].visible  # the default optimizer (AdamW) reads it
