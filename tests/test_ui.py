@@ -391,11 +391,14 @@ def test_poll_renders_status_loss_previews_and_log(model):
     assert "<svg" in loss and "<path d='M" in loss and "loss at step 3: 0.4" in loss
     [(image, caption)] = gallery
     assert image.size == (64, 64) and caption == "step 10: a photo of zwx disc"
-    assert log_text.splitlines()[-1] == "line 99" and len(log_text.splitlines()) == 12
+    assert log_text.splitlines() == [f"line {i}" for i in range(100)]  # the newest at the bottom
     assert host.exported == [host.checkpoint_dir() / "m_10.safetensors"]
 
     again = handlers.poll("m", seen)
-    assert again[2] == "NO_CHANGE"  # the same previews are not sent again
+    assert again[2] == again[3] == "NO_CHANGE"  # the same previews and log are not sent again
+    with open(md.logs / "worker.log", "a") as fh:
+        fh.write("\nline 100")
+    assert handlers.poll("m", again[5])[3].splitlines()[-1] == "line 100"
     assert host.exported == [host.checkpoint_dir() / "m_10.safetensors"]  # told once
 
 

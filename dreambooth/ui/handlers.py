@@ -8,6 +8,7 @@ problem the user can fix (a :class:`UserError`) comes back as one line for the m
 from __future__ import annotations
 
 import functools
+import hashlib
 import html
 import logging
 import secrets
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 NO_PROFILE = "(keep my settings)"
 PROFILE_CHOICES = (NO_PROFILE, "fits in 6 GB", "fits in 8 GB", "fastest")  # profiles.PROFILES, without importing it
 GALLERY_SIZE = 8  # newest previews shown
-LOG_LINES = 12  # worker log lines shown (gradio 3 shows a textbox from its top, so no more than fit)
+LOG_LINES = 12  # rows of the worker-log box; the page script keeps it scrolled to its newest line
+LOG_TAIL_LINES = 200  # lines of the worker log sent to it (the earlier ones are a scroll up)
 
 
 class Host(Protocol):
@@ -338,16 +340,18 @@ class TabHandlers:
     def poll(self, name: str | None, seen: dict[str, Any] | None) -> list[Any]:
         """[status, loss chart, gallery, worker log, pause label, seen] for the selected model.
 
-        The gallery is sent only when the newest previews changed (``seen`` remembers them per browser session);
-        a new export reported by the worker is handed to the host once.
+        The gallery and the log are sent only when they changed (``seen`` remembers them per browser session), so
+        a log scrolled back to read stays put; a new export reported by the worker is handed to the host once.
         """
         seen = dict(seen or {})
         if not name:
+            seen.pop("log", None)
             return [status_html(None, False, None), loss_svg([]), self.no_change(), "", compat.update(value="Pause"),
                     seen]
         try:
             md = self.model(name)
         except UserError as err:
+            seen.pop("log", None)
             return [message_html(str(err), "error"), loss_svg([]), self.no_change(), "", self.no_change(), seen]
         status, running = self._status(md)
         with self._loss_lock:
@@ -365,9 +369,14 @@ class TabHandlers:
                 self.host.after_export(Path(export))
             except Exception:  # noqa: BLE001 - a host refresh failing must not break the status display
                 log.exception("after_export(%s) failed", export)
+        text = log_tail(md.logs / "worker.log", LOG_TAIL_LINES)
+        worker_log = self.no_change()
+        log_signature = [md.name, hashlib.sha1(text.encode("utf-8")).hexdigest()]
+        if log_signature != seen.get("log"):
+            worker_log, seen["log"] = text, log_signature
         paused = status is not None and status.get("state") == "paused"
-        return [status_html(status, running, md.name), loss_svg(points), gallery,
-                log_tail(md.logs / "worker.log", LOG_LINES), compat.update(value="Resume" if paused else "Pause"), seen]
+        return [status_html(status, running, md.name), loss_svg(points), gallery, worker_log,
+                compat.update(value="Resume" if paused else "Pause"), seen]
 
     def _status(self, md: ModelDir) -> tuple[dict[str, Any] | None, bool]:
         try:

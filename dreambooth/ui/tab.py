@@ -169,8 +169,10 @@ def build_tab(host: Host) -> Any:
                 loss = compat.make(gr.HTML, value=loss_svg([]), elem_id="dreambooth_loss")
                 gallery = compat.gallery(label="Newest previews", elem_id="dreambooth_gallery", columns=4,
                                          height=GALLERY_HEIGHT, object_fit="contain", show_label=True)
+                # newest line at the bottom, in view: gradio 4 scrolls there itself, the page script does in 3.x
                 worker_log = compat.make(gr.Textbox, label="Worker log", lines=LOG_LINES, max_lines=LOG_LINES,
-                                         interactive=False, elem_id="dreambooth_log")
+                                         interactive=False, autoscroll=True, show_copy_button=True,
+                                         elem_id="dreambooth_log")
         seen = gr.State({})
 
         values = [made[c.elem_id] for c in handlers.controls]
