@@ -16,6 +16,7 @@ import re
 import secrets
 import shutil
 import signal
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,9 +56,12 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _new_temp(target, lambda path: os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)))
+    mode = stat.S_IMODE(tmp.stat().st_mode)  # 0666 less the umask
     try:
         yield tmp
         fault_point("write", f"write{target.suffix}")
+        if tmp.is_file():
+            _normal_modes(tmp, mode)
         _fsync_file(tmp)
         os.replace(tmp, target)
         _fsync_dir(target.parent)
@@ -81,6 +85,15 @@ def _new_temp(target: Path, create: Callable[[Path], None]) -> Path:
             continue
         return tmp
     raise FileExistsError(f"no free temporary name beside {target}")
+
+
+def _normal_modes(path: Path, mode: int) -> None:
+    """Give ``path`` the normal ``mode`` again where a writer did not: safetensors 0.5+ writes its files 0600
+    (through a temporary file of its own), whatever the file it replaces had. Not on Windows (no such modes)."""
+    if os.name != "posix" or path.is_symlink():
+        return
+    if stat.S_IMODE(path.stat().st_mode) != mode:
+        os.chmod(path, mode)
 
 
 def write_bytes(target: str | os.PathLike[str], data: bytes) -> None:
@@ -111,8 +124,11 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _new_temp(target, lambda path: os.mkdir(path, DIR_MODE))
+    mode = stat.S_IMODE(tmp.stat().st_mode)  # 0777 less the umask
     try:
         yield tmp
+        for path in [tmp, *tmp.rglob("*")]:
+            _normal_modes(path, mode if path.is_dir() else mode & FILE_MODE)
         os.rename(tmp, target)
         _fsync_dir(target.parent)
     finally:

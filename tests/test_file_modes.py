@@ -1,6 +1,7 @@
 """Every file we write gets the normal mode (0666 less the umask; folders 0777 less the umask), like any file the
 user creates, so a WebUI or a file server running as another user can read the LoRA, the checkpoint, the previews.
-A temporary file from mkstemp (0600) renamed into place would keep 0600."""
+A temporary file from mkstemp (0600) renamed into place would keep 0600, and so would a file safetensors 0.5+
+writes (it makes its files 0600)."""
 
 from __future__ import annotations
 
@@ -37,17 +38,19 @@ def test_atomic_writes_give_the_umasks_mode(tmp_path, umask, mask):
     write_bytes(tmp_path / "a.bin", b"x")
     write_json(tmp_path / "sub" / "b.json", {"v": 1})
 
-    def recreate(tmp: Path) -> None:  # a writer that deletes the temporary file and writes a new one
-        tmp.unlink()
-        tmp.write_bytes(b"y")
+    def private(path: Path) -> None:  # a writer that replaces the file with a 0600 one, as safetensors 0.5+ does
+        path.unlink(missing_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
-    write_with(tmp_path / "c.safetensors", recreate)
+    write_with(tmp_path / "c.safetensors", private)
     write_bytes(tmp_path / "a.bin", b"again")  # replacing a file: the new one has the normal mode too
     with atomic_dir(tmp_path / "state") as folder:
         (folder / "inner.bin").write_bytes(b"z")
-    for name in ("a.bin", "sub/b.json", "c.safetensors", "state/inner.bin"):
+        (folder / "deeper").mkdir(mode=0o700)
+        private(folder / "deeper" / "weights.safetensors")
+    for name in ("a.bin", "sub/b.json", "c.safetensors", "state/inner.bin", "state/deeper/weights.safetensors"):
         assert _mode(tmp_path / name) == 0o666 & ~mask, name
-    for name in ("sub", "state"):
+    for name in ("sub", "state", "state/deeper"):
         assert _mode(tmp_path / name) == 0o777 & ~mask, name
 
 
