@@ -2,8 +2,9 @@
 
 Import it only inside the WebUI (``scripts/dreambooth_tab.py`` does). ``WebUIHost`` answers the questions the tab
 and the API ask (models root, checkpoint list, attention default, ...) from the WebUI's own state, and carries
-out what training needs from the WebUI: its model leaves VRAM before a run and comes back after, the run's progress
-shows in the WebUI's progress state, and the checkpoint list is refreshed after an export.
+out what training needs from the WebUI: its model leaves VRAM before a run and comes back after, the run is told in
+the WebUI's console and shown in its progress state while the WebUI itself is idle, and the checkpoint list is
+refreshed after an export.
 """
 
 from __future__ import annotations
