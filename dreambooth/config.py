@@ -42,17 +42,22 @@ HYPERNETWORK_ACTIVATIONS = ("linear", "relu", "leakyrelu", "elu", "swish", "tanh
                             "softplus", "selu", "celu", "relu6", "hardswish", "hardtanh", "hardsigmoid", "softsign",
                             "tanhshrink", "logsigmoid")
 WEIGHT_PRECISIONS = ("fp32", "bf16_master", "bf16_stochastic")
+# the optimizers that read the betas / epsilon (train/optimizers.py; a test checks): Adafactor keeps no first moment
+# and its own epsilon pair, Lion has no epsilon. The others ignore these settings, so the tab hides them.
+BETAS_OPTIMIZERS = ("adamw", "adamw_8bit", "lion", "dadaptation", "prodigy")
+EPSILON_OPTIMIZERS = ("adamw", "adamw_8bit", "dadaptation", "prodigy")
 
 
 def setting(default: Any, label: str, help: str, group: str, *, minimum: float | None = None,
             maximum: float | None = None, choices: tuple[str, ...] | None = None, ui: bool = True,
-            methods: tuple[str, ...] | None = None) -> Any:
+            methods: tuple[str, ...] | None = None, optimizers: tuple[str, ...] | None = None) -> Any:
     """A dataclass field with the metadata the UI, CLI and API are generated from.
 
-    ``methods``: the training methods the setting applies to (None: all); the tab hides it for the others.
+    ``methods`` / ``optimizers``: the training methods / optimizers the setting applies to (None: all); the tab
+    hides it for the others.
     """
     meta = {"label": label, "help": help, "group": group, "min": minimum, "max": maximum, "choices": choices,
-            "ui": ui, "methods": methods}
+            "ui": ui, "methods": methods, "optimizers": optimizers}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -216,11 +221,13 @@ class TrainConfig:
                              "their packages.", "learning_rate", choices=OPTIMIZERS)
     weight_decay: float = setting(1e-2, "Weight decay", "Decoupled weight decay.", "learning_rate",
                                   minimum=0.0, maximum=1.0)
-    adam_beta1: float = setting(0.9, "Adam beta1", "First-moment decay.", "learning_rate", minimum=0.0, maximum=1.0)
-    adam_beta2: float = setting(0.999, "Adam beta2", "Second-moment decay.", "learning_rate",
-                                minimum=0.0, maximum=1.0)
+    adam_beta1: float = setting(0.9, "Adam beta1", "First-moment decay (Lion: how much of the gradient the update "
+                                "direction takes in).", "learning_rate", minimum=0.0, maximum=1.0,
+                                optimizers=BETAS_OPTIMIZERS)
+    adam_beta2: float = setting(0.999, "Adam beta2", "Second-moment decay (Lion: the momentum's decay).",
+                                "learning_rate", minimum=0.0, maximum=1.0, optimizers=BETAS_OPTIMIZERS)
     adam_epsilon: float = setting(1e-8, "Adam epsilon", "Numerical floor of the denominator.", "learning_rate",
-                                  minimum=0.0, maximum=1.0)
+                                  minimum=0.0, maximum=1.0, optimizers=EPSILON_OPTIMIZERS)
 
     # performance and memory
     mixed_precision: str = setting("fp16", "Mixed precision", "bf16 needs an Ampere or newer GPU.", "performance",
@@ -346,6 +353,12 @@ class FieldSpec:
     choices: tuple[str, ...] | None
     ui: bool
     methods: tuple[str, ...] | None = None  # the training methods it applies to; None: all
+    optimizers: tuple[str, ...] | None = None  # the optimizers that read it; None: all
+
+    def applies(self, method: str, optimizer: str | None = None) -> bool:
+        """Whether the setting has an effect with this training method and optimizer (None: any optimizer)."""
+        return ((self.methods is None or method in self.methods)
+                and (optimizer is None or self.optimizers is None or optimizer in self.optimizers))
 
 
 def field_specs(cls: type = TrainConfig) -> list[FieldSpec]:
@@ -357,7 +370,7 @@ def field_specs(cls: type = TrainConfig) -> list[FieldSpec]:
             continue
         m = f.metadata
         specs.append(FieldSpec(f.name, types[f.name], f.default, m["label"], m["help"], m["group"], m["min"],
-                               m["max"], m["choices"], m["ui"], m.get("methods")))
+                               m["max"], m["choices"], m["ui"], m.get("methods"), m.get("optimizers")))
     return specs
 
 

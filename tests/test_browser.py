@@ -1,8 +1,10 @@
 """The standalone Dreambooth tab in a real headless Chromium: create a model from a tiny checkpoint, fill a concept,
-train, and watch the progress bar move and a preview appear, as a person would.
+train, and watch the progress bar move, a preview appear and the worker log show its newest line, as a person
+would.
 
 Uses Debian's /usr/bin/chromium (Playwright's own browser download does not work on these machines); skipped only
-when that browser is missing. The screenshot path is printed (and copied to /tmp/dreambooth_tab.png).
+when that browser is missing. The screenshot paths are printed (and copied to /tmp/dreambooth_tab.png, and the
+output panel with the worker log to /tmp/dreambooth_tab_output.png).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ SCREENSHOT_COPY = Path("/tmp/dreambooth_tab.png")
 # It is long on purpose: a busy 2-core CI box can take minutes for what takes seconds alone, and a run that fails
 # ends the wait at once (see wait_js), so a long backstop costs a passing or a failing run nothing.
 BACKSTOP_MS = int(os.environ.get("DREAMBOOTH_BROWSER_BACKSTOP_S", "600")) * 1000
+OUTPUT_SCREENSHOT_COPY = Path("/tmp/dreambooth_tab_output.png")
 
 # CI installs chromium and sets DREAMBOOTH_REQUIRE_BROWSER=1, so there a missing browser fails instead of skipping
 _REQUIRED = os.environ.get("DREAMBOOTH_REQUIRE_BROWSER") == "1"
@@ -108,6 +111,7 @@ def test_create_train_and_watch_in_a_real_browser(server, tmp_path):
     url, root, concept = server
     started = time.monotonic()
     shot = tmp_path / "dreambooth_tab.png"
+    output_shot = tmp_path / "dreambooth_output.png"
     with sync_playwright() as p:
         browser = p.chromium.launch_persistent_context(str(tmp_path / "chromium-profile"),
                                                        executable_path=str(CHROMIUM), headless=True,
@@ -188,11 +192,27 @@ def test_create_train_and_watch_in_a_real_browser(server, tmp_path):
             page.wait_for_selector("#dreambooth_gallery img", timeout=BACKSTOP_MS)
             assert "zwx disc" in text("dreambooth_gallery")
             assert "loss at step" in text("dreambooth_loss")
+            # the worker log: more lines than the box shows, and its newest line is the one in view
+            log_box = "document.querySelector('#dreambooth_log textarea')"
+            wait_js(f"() => {{ const b = {log_box}; return b && b.scrollHeight > b.clientHeight + 20 }}")
+            # the page script follows the log: the box comes to rest scrolled to its end
+            wait_js(f"() => {{ const b = {log_box}; return b.scrollTop + b.clientHeight >= b.scrollHeight - 2 }}")
+            shown = page.evaluate(f"""() => {{
+                const b = {log_box};
+                const lines = b.value.split('\\n').filter(l => l.trim());
+                return {{newest: lines[lines.length - 1], top: b.scrollTop, height: b.clientHeight,
+                         full: b.scrollHeight}};
+            }}""")
+            written = (root / "dreambooth" / "tiny" / "logs" / "worker.log").read_text().splitlines()
+            assert shown["newest"] in written[-40:]  # the newest line the page has been sent
+            assert shown["top"] + shown["height"] >= shown["full"] - 2, shown  # ... and it is in view
             page.screenshot(path=str(shot), full_page=True)
-            print(f"\nscreenshot: {shot}")
+            page.locator("#dreambooth_output").first.screenshot(path=str(output_shot))  # progress, previews, log
+            print(f"\nscreenshots: {shot} {output_shot}")
             try:
                 shutil.copyfile(shot, SCREENSHOT_COPY)
-                print(f"screenshot copy: {SCREENSHOT_COPY}")
+                shutil.copyfile(output_shot, OUTPUT_SCREENSHOT_COPY)
+                print(f"screenshot copies: {SCREENSHOT_COPY} {OUTPUT_SCREENSHOT_COPY}")
             except OSError:
                 pass
 

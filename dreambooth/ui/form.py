@@ -174,9 +174,10 @@ class StepEstimate:
     text: str
 
 
-def shown_for_method(method: str, controls: list[Control]) -> list[bool]:
-    """Which of ``controls`` apply to the training method (the rest are hidden, e.g. LoRA rank for DreamBooth)."""
-    return [control.spec.methods is None or method in control.spec.methods for control in controls]
+def shown_for_method(method: str, controls: list[Control], optimizer: str | None = None) -> list[bool]:
+    """Which of ``controls`` apply to the training method and optimizer (the rest are hidden, e.g. LoRA rank for
+    DreamBooth, Adam's betas for Adafactor); ``optimizer`` None: any."""
+    return [control.spec.applies(method, optimizer) for control in controls]
 
 
 def estimate_steps(concepts: list[Concept], epochs: int, batch_size: int, grad_accum: int,
