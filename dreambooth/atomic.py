@@ -13,12 +13,13 @@ import json
 import os
 import re
 import shutil
-import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from . import platform_compat
 
 TMP_MARK = ".tmp-"
 FAULT_ENV = "DREAMBOOTH_FAULT_AT"
@@ -43,7 +44,7 @@ def fault_point(*names: str) -> None:
         count = _fault_counts[name] = _fault_counts.get(name, 0) + 1
         if f"{name}:{count}" in wanted:
             os.write(2, f"fault injection: killing pid {os.getpid()} at {name}:{count}\n".encode())
-            os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+            platform_compat.kill(os.getpid())
 
 
 @contextmanager
@@ -58,7 +59,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         fault_point("write", f"write{target.suffix}")
         _fsync_file(tmp)
-        os.replace(tmp, target)
+        platform_compat.replace(tmp, target)  # retried on Windows while a reader holds target open
         _fsync_dir(target.parent)
     finally:
         if tmp.exists():
@@ -95,7 +96,7 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP_MARK}", dir=target.parent))
     try:
         yield tmp
-        os.rename(tmp, target)
+        platform_compat.rename(tmp, target)
         _fsync_dir(target.parent)
     finally:
         if tmp.exists():
