@@ -223,7 +223,7 @@ def stand_in(monkeypatch):
     return use
 
 
-def test_renames_onto_an_open_file_are_retried_on_windows(as_windows, tmp_path, monkeypatch):
+def test_renames_onto_an_open_file_are_retried_on_windows(tmp_path, monkeypatch, as_windows):
     real_replace = os.replace
     failures = [PermissionError(13, "Access is denied")] * 3
 
@@ -253,7 +253,7 @@ def test_a_permission_error_is_not_retried_elsewhere(tmp_path, monkeypatch):
     assert calls == [1]  # on Linux it means no permission: retrying changes nothing
 
 
-def test_status_read_while_the_worker_replaces_it_is_retried_on_windows(as_windows, tmp_path, monkeypatch):
+def test_status_read_while_the_worker_replaces_it_is_retried_on_windows(tmp_path, monkeypatch, as_windows):
     md = fake_model(tmp_path)
     md.status_path.write_text('{"state": "running"}')
     real = Path.read_bytes
