@@ -168,6 +168,23 @@ def test_is_alive_never_signals_on_windows(as_windows, monkeypatch):
                                                    if hasattr(subprocess, "CREATE_NEW_PROCESS_GROUP") else 0x200}
 
 
+def test_the_worker_starts_in_a_new_process_group_the_windows_way(tmp_path, monkeypatch, as_windows):
+    started = []
+
+    class Popen:
+        pid = 999_999
+
+        def __init__(self, cmd, **kwargs):
+            started.append(kwargs)
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(jobs.subprocess, "Popen", Popen)
+    jobs.start(fake_model(tmp_path), models_root=tmp_path)
+    assert started[0]["creationflags"] == 0x200 and "start_new_session" not in started[0]  # POSIX-only argument
+
+
 def _windows_cancel(monkeypatch, after: float) -> list[int]:
     """jobs.cancel as on Windows (SIGTERM would kill): returns the pids it ended."""
     monkeypatch.setattr(platform_compat, "signals_stop_gracefully", lambda: False)
