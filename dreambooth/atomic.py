@@ -15,12 +15,13 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from . import platform_compat
 
 TMP_MARK = ".tmp-"
 FILE_MODE = 0o666  # less the umask: what open() gives a new file
@@ -47,7 +48,7 @@ def fault_point(*names: str) -> None:
         count = _fault_counts[name] = _fault_counts.get(name, 0) + 1
         if f"{name}:{count}" in wanted:
             os.write(2, f"fault injection: killing pid {os.getpid()} at {name}:{count}\n".encode())
-            os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+            platform_compat.kill(os.getpid())
 
 
 @contextmanager
@@ -63,7 +64,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         if tmp.is_file():
             _normal_modes(tmp, mode)
         _fsync_file(tmp)
-        os.replace(tmp, target)
+        platform_compat.replace(tmp, target)  # retried on Windows while a reader holds target open
         _fsync_dir(target.parent)
     finally:
         if tmp.exists():
@@ -129,7 +130,7 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         for path in [tmp, *tmp.rglob("*")]:
             _normal_modes(path, mode if path.is_dir() else mode & FILE_MODE)
-        os.rename(tmp, target)
+        platform_compat.rename(tmp, target)
         _fsync_dir(target.parent)
     finally:
         if tmp.exists():

@@ -19,6 +19,7 @@ from pathlib import Path
 from modules import paths_internal, script_callbacks, sd_models, shared  # noqa: I001 - the WebUI's modules
 
 from ..console import ProgressLines
+from ..errors import import_failure
 from ..store import ModelDir
 
 log = logging.getLogger(__name__)
@@ -286,7 +287,11 @@ def on_ui_tabs() -> list[tuple[object, str, str]]:
 
 def on_app_started(demo: object, app: object) -> None:
     """The HTTP API under /dreambooth/ (also with --nowebui, when ``demo`` is None); honours --api-auth."""
-    from ..api import add_routes
+    try:
+        from ..api import add_routes
+    except ImportError as err:  # the WebUI prints the traceback; this line says what it means for us
+        log.error("Dreambooth: the HTTP API is not available: %s", import_failure(err))
+        raise
 
     add_routes(app, host())
 

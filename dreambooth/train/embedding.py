@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from ..families import SD1, SD2, SD2V, SDXL, get_family
+from ..platform_compat import reserved_on_windows
 from ..working import save_tensors
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,9 @@ class EmbeddingSettings:
         if bad:
             raise UserError(f"the embedding's token {token!r} contains {''.join(bad)!r}",
                             "use letters, digits, '.', '_' and '-' (the WebUI names the embedding by its file name)")
+        if reserved_on_windows(token):
+            raise UserError(f"the embedding's token {token!r} is a device name on Windows, where no file can be "
+                            f"called {token}.safetensors", "pick another word, e.g. 'zwx-style'")
         if token != token.lower():
             raise UserError(f"the embedding's token {token!r} has upper case letters",
                             f"CLIP reads every prompt in lower case; use {token.lower()!r}")

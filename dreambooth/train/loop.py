@@ -162,7 +162,8 @@ class Trainer:
                 self.device_lock = acquire_device(model.path.parent, key, model.name)
             if self.device.type == "cpu":
                 torch.set_flush_denormal(True)  # tiny values otherwise slow CPU math down by orders of magnitude
-            self.controls = Controls(model, self.opts.install_signal_handlers)
+            # a worker jobs.start launched keeps the requests made while it started; a direct run drops old ones
+            self.controls = Controls(model, self.opts.install_signal_handlers, clear_requests=not self.lock.handed_over)
             self.status = StatusWriter(model, self.device)
         except BaseException:
             self._release_locks()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..config import Concept, TrainConfig, load_config
-from ..errors import UserError
+from ..errors import UserError, import_failure
 from ..store import ModelDir, list_models, open_model
 from . import compat
 from .form import CONCEPT_PANELS, Control, all_controls, config_to_values, estimate_steps, values_to_config
@@ -61,9 +61,10 @@ class Host(Protocol):
 def _jobs() -> Any:
     try:
         from .. import jobs
-    except ImportError as err:
-        raise UserError(f"training jobs are not available in this install ({err})",
-                        "update the extension; dreambooth/jobs.py is missing") from None
+    except ImportError as err:  # names what really failed, e.g. a module this system lacks, not a missing jobs.py
+        log.debug("importing the jobs module failed", exc_info=True)  # each status refresh asks again
+        raise UserError(f"training is not available: importing the jobs module failed with {import_failure(err)}",
+                        "please report this line as a bug of the extension") from err
     return jobs
 
 
