@@ -38,8 +38,10 @@ import importlib, importlib.util, json, logging, platform, sys, traceback
 from pathlib import Path
 sys.path.insert(0, STANDIN)
 sys.path.insert(0, EXT)
-import asyncio, subprocess, signal, ctypes, fastapi, gradio  # noqa
+import asyncio, subprocess, signal, ctypes, fastapi  # noqa
 import dreambooth.api, dreambooth.cli, dreambooth.train.loop, dreambooth.ui.tab  # noqa: the libraries they use
+import dreambooth.ui.compat
+dreambooth.ui.compat.gradio()  # gradio as our tab imports it (with its huggingface_hub shim under gradio 4)
 for name in [n for n in sys.modules if n == "dreambooth" or n.startswith("dreambooth.")]:
     del sys.modules[name]
 for name in UNIX_ONLY:
