@@ -449,7 +449,7 @@ def create_router(host: Any) -> APIRouter:
     @router.post("/models/{name}/import-kohya")
     async def import_kohya_dataset(name: str, request: Request) -> Response:
         """{"toml": FILE} or {"folder": DIR, "reg_folder": DIR}: the model's concepts from a kohya dataset."""
-        from .kohya_import import import_kohya
+        from .data.kohya import import_kohya
 
         md = _open(host, name)
         data = await _json_object(request, ("toml", "folder", "reg_folder"))

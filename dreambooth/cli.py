@@ -191,7 +191,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_import_kohya(args: argparse.Namespace) -> int:
-    from .kohya_import import import_kohya
+    from .data.kohya import import_kohya
     from .store import open_model
 
     if args.reg_folder and not args.folder:

@@ -7,7 +7,6 @@ in seconds and a broken file is reported before the models load. Pixels are deco
 from __future__ import annotations
 
 import logging
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from ..errors import UserError
 from .buckets import choose_bucket, fit_to_bucket, make_buckets
 from .captions import build_prompt, read_caption, shuffle_tags
 from .images import ImageError, list_images, load_image, probe_image, to_tensor
+from .steps import count_steps
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +169,8 @@ class TrainingData:
 
         The count is the same for every epoch unless one concept's class images fall into different buckets.
         """
-        if grad_accum < 1:
-            raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
-        return math.ceil(len(self.epoch_batches(epoch, batch_size)) / grad_accum)
+        batches = self.epoch_batches(epoch, batch_size)
+        return count_steps(sum(map(len, batches)), batch_size, grad_accum, 1, batches=len(batches)).per_epoch
 
     # ------------------------------------------------------------------------------------------- per example
 

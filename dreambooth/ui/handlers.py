@@ -199,7 +199,7 @@ class TabHandlers:
 
     def import_kohya(self, name: str | None, source: str, reg_folder: str) -> list[Any]:
         """[message, model info, step count, *control values] after filling the concepts from a kohya dataset."""
-        from ..kohya_import import import_kohya
+        from ..data.kohya import import_kohya
 
         md = self.model(name)
         if _jobs().running(md):
