@@ -27,14 +27,19 @@ log = logging.getLogger(__name__)
 CONFIG_VERSION = 1
 CONFIG_FILE = "db_config.json"
 
+# Every choice list is declared here, once; the modules that act on a choice import its list from here.
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "linear_with_warmup", "cosine",
                  "cosine_with_restarts", "polynomial")
 OPTIMIZERS = ("adamw", "adamw_8bit", "lion", "adafactor", "dadaptation", "prodigy")
+GLOBAL_OPTIMIZERS = ("dadaptation", "prodigy")  # they estimate a step size from all parameters at once
 MIXED_PRECISION = ("no", "fp16", "bf16")
 ATTENTION = ("auto", "default", "xformers", "sdp")
+ATTENTION_MODES = tuple(a for a in ATTENTION if a != "auto")  # what "auto" resolves to (the host's choice)
 SAMPLE_SCHEDULERS = ("ddim", "pndm", "lms", "euler", "euler_a", "dpmpp_2m", "unipc")
 LONG_PROMPTS = ("truncate", "chunk")
 EXPORT_DTYPES = ("fp16", "fp32", "bf16")
+FILE_DTYPES = ("keep", *EXPORT_DTYPES)  # a created model's or an exported file's precision ("keep": as it is)
+EMA_EXPORTS = ("none", "main", "both")  # no EMA; the EMA weights as the UNet; both (the training layout)
 METHODS = ("dreambooth", "lora", "textual_inversion", "hypernetwork")
 WEIGHT_METHODS = ("dreambooth", "lora")  # the methods that train the UNet / text encoder (or a LoRA on them)
 # the WebUI's hypernetwork activations that need no arguments (train/hypernetwork.py builds them; a test checks)

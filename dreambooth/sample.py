@@ -42,13 +42,13 @@ from PIL.PngImagePlugin import PngInfo
 
 from .atomic import write_with
 from .config import Concept
+from .data.images import IMAGE_EXTENSIONS
 from .errors import UserError
 from .families import SDXL, get_family
 
 log = logging.getLogger(__name__)
 
 SEED_LIMIT = 2**32
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FILEWORDS = re.compile(r"\[filewords\]", re.IGNORECASE)
 CLASS_IMAGE_NAME = re.compile(r"^class_(\d+)_")
 
@@ -106,7 +106,7 @@ class LMSScheduler(EulerDiscreteScheduler):
         return type(euler)(prev_sample=prev, pred_original_sample=x0)
 
 
-SAMPLE_SCHEDULERS: dict[str, type] = {
+SCHEDULER_CLASSES: dict[str, type] = {  # each of config.SCHEDULER_CLASSES -> its diffusers class
     "ddim": DDIMScheduler,
     "pndm": PNDMScheduler,
     "lms": LMSScheduler,
@@ -124,19 +124,19 @@ WEBUI_SAMPLER_NAMES = {"ddim": "DDIM", "pndm": "PLMS", "lms": "LMS", "euler": "E
 
 
 def _check_scheduler_name(name: str) -> None:
-    if name not in SAMPLE_SCHEDULERS:
-        raise UserError(f"unknown sample scheduler {name!r}", f"use one of: {', '.join(SAMPLE_SCHEDULERS)}")
+    if name not in SCHEDULER_CLASSES:
+        raise UserError(f"unknown sample scheduler {name!r}", f"use one of: {', '.join(SCHEDULER_CLASSES)}")
 
 
 def make_scheduler(name: str, scheduler_config: Mapping[str, Any]) -> Any:
     """A fresh ``name`` scheduler from the model's own scheduler config (betas, prediction type, ... are kept)."""
     _check_scheduler_name(name)
-    return SAMPLE_SCHEDULERS[name].from_config(dict(scheduler_config), **_SCHEDULER_OVERRIDES.get(name, {}))
+    return SCHEDULER_CLASSES[name].from_config(dict(scheduler_config), **_SCHEDULER_OVERRIDES.get(name, {}))
 
 
 def scheduler_name(scheduler: Any) -> str | None:
-    """The name in :data:`SAMPLE_SCHEDULERS` that ``scheduler`` is, or None."""
-    for name, cls in SAMPLE_SCHEDULERS.items():
+    """The name in :data:`SCHEDULER_CLASSES` that ``scheduler`` is, or None."""
+    for name, cls in SCHEDULER_CLASSES.items():
         if type(scheduler) is cls and all(scheduler.config.get(k) == v
                                           for k, v in _SCHEDULER_OVERRIDES.get(name, {}).items()):
             return name

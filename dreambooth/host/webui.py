@@ -17,6 +17,7 @@ from pathlib import Path
 
 from modules import paths_internal, script_callbacks, sd_models, shared  # noqa: I001 - the WebUI's modules
 
+from ..config import ATTENTION
 from ..store import ModelDir
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ def on_ui_settings() -> None:
         True, "Move the WebUI's loaded model out of VRAM while training", section=SECTION))
     shared.opts.add_option(OPT_ATTENTION, shared.OptionInfo(
         "auto", "Default memory attention for training ('auto' follows the WebUI's cross attention optimization)",
-        component=_dropdown(), component_args={"choices": ["auto", "default", "sdp", "xformers"]},
+        component=_dropdown(), component_args={"choices": list(ATTENTION)},
         section=SECTION))
 
 

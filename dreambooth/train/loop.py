@@ -49,8 +49,9 @@ from ..data.captions import build_prompt
 from ..data.dataset import Example, TrainingData
 from ..data.images import IMAGE_EXTENSIONS, list_images
 from ..data.prompts import tokenize_prompts
+from ..dtypes import torch_dtype
 from ..errors import UserError
-from ..export import EXPORT_DTYPES, export_checkpoint
+from ..export import export_checkpoint
 from ..families import get_family
 from ..lock import acquire, acquire_device, device_key
 from ..sample import (
@@ -82,7 +83,6 @@ from .step import Batch, StepSettings, compute_loss
 
 log = logging.getLogger(__name__)
 
-AUTOCAST = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 NAN_HINT = ("lower the learning rate, use bf16 instead of fp16 mixed precision, or turn gradient clipping on; "
             "then resume from the last save")
 DISK_MARGIN = 1.1  # a save needs the bytes of what it writes plus this margin (headers, file system overhead)
@@ -131,7 +131,7 @@ def autocast_dtype(mixed_precision: str, device: torch.device, cpu_fp16: bool = 
 
     fp16 on the CPU (the default setting, made for GPUs) trains in fp32 unless ``cpu_fp16`` asks for the GPU's
     fp16 path (autocast + grad scaler) there, which tests use to run that path without a GPU."""
-    dtype = AUTOCAST[mixed_precision]
+    dtype = torch_dtype(mixed_precision)
     if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("this GPU does not support bf16 mixed precision",
                         "set mixed precision to fp16 (or 'no' for full fp32)")
@@ -318,8 +318,7 @@ class Trainer:
         for te in m.text_encoders:
             te.train(train_te)
         if cfg.method == "lora":
-            settings = LoraSettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_conv_rank,
-                                    cfg.lora_conv_alpha, train_unet=cfg.train_unet, train_text_encoder=train_te)
+            settings = LoraSettings.from_config(cfg, train_text_encoder=train_te)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed)  # the LoRA's random init is part of the run: repeatable, resumable
                 self.network = LoraNetwork(m, settings, m.family.id).to(self.device)  # freezes the base weights
@@ -397,9 +396,7 @@ class Trainer:
         cfg = self.cfg
         if not cfg.embedding_token:
             raise UserError("textual inversion needs the word to train", "set 'Embedding word', e.g. zwx-style")
-        settings = EmbeddingSettings(cfg.embedding_token, cfg.embedding_vectors, cfg.embedding_init_word,
-                                     seed=cfg.seed)
-        self.embedding = TextualInversion(self.models, settings).to(self.device)
+        self.embedding = TextualInversion(self.models, EmbeddingSettings.from_config(cfg)).to(self.device)
         self.text_encoder_steps = 0  # the text encoders stay frozen; gradients reach only the new vectors
         self.unet_params, self.te_params = self.embedding.parameters(), []
 
@@ -407,8 +404,7 @@ class Trainer:
         """Hypernetwork: a (k, v) pair of small MLPs on the attention inputs of the text conditioning's width is all
         that trains (the models stay frozen); the UNet's hooks make previews use it too."""
         cfg, m = self.cfg, self.models
-        settings = HypernetworkSettings(cfg.hypernetwork_layer_structure, cfg.hypernetwork_activation,
-                                        cfg.hypernetwork_layer_norm, cfg.hypernetwork_dropout)
+        settings = HypernetworkSettings.from_config(cfg)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # the random init is part of the run: repeatable, resumable
             network = Hypernetwork([int(m.unet.config.cross_attention_dim)], settings)
@@ -426,8 +422,7 @@ class Trainer:
             groups.append({"params": self.unet_params, "lr": cfg.learning_rate})
         if self.te_params:
             groups.append({"params": self.te_params, "lr": cfg.text_encoder_learning_rate})
-        settings = OptimizerSettings(cfg.optimizer, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
-                                     cfg.adam_epsilon)
+        settings = OptimizerSettings.from_config(cfg)
         self.optimizer, note = make_optimizer(groups, settings)
         if note:
             log.warning("%s", note)
@@ -459,7 +454,7 @@ class Trainer:
                             "pick adamw, adamw_8bit, lion or adafactor, or set weight precision fp32 and turn "
                             "'Optimizer step in backward' off")
         if note and settings.name == "adamw_8bit":  # the fallback is decided (and reported) once, above
-            settings = OptimizerSettings("adamw", settings.weight_decay, settings.betas, settings.eps)
+            settings = dataclasses.replace(settings, name="adamw")
         return ParamwiseOptimizer(groups, lambda g: make_optimizer(g, settings)[0], self.precision)
 
     def _generate_class_images(self) -> None:
@@ -518,8 +513,7 @@ class Trainer:
         train_te = self.embedding is not None or self.step < self.text_encoder_steps
         if self.text_encoder_steps and self.step == self.text_encoder_steps:
             self._stop_text_encoder()
-        settings = StepSettings(cfg.offset_noise, cfg.min_snr_gamma, cfg.prior_loss_weight, cfg.clip_skip,
-                                train_te, self.autocast)
+        settings = StepSettings.from_config(cfg, train_text_encoder=train_te, autocast_dtype=self.autocast)
         lrs = [g["lr"] for g in self.optimizer.param_groups]  # the LRs this step uses
         self.precision.step = self.step  # stochastic rounding draws from (seed, step)
         logged = len(self.pending_losses)
@@ -829,7 +823,7 @@ class Trainer:
 
     def _export_bytes(self) -> int:
         """The size of a checkpoint export, from the working files' headers (no tensor is read)."""
-        target = EXPORT_DTYPES.get(self.cfg.export_dtype)
+        target = torch_dtype(self.cfg.export_dtype)
         total = 0
         for path in self.model.working.glob("*.safetensors"):
             total += _safetensors_bytes(path, target)

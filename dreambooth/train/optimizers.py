@@ -14,11 +14,10 @@ from typing import Any
 
 import torch
 
+from ..config import OPTIMIZERS, TrainConfig
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
-
-OPTIMIZERS = ("adamw", "adamw_8bit", "lion", "adafactor", "dadaptation", "prodigy")
 
 
 @dataclass
@@ -29,6 +28,11 @@ class OptimizerSettings:
     weight_decay: float
     betas: tuple[float, float]
     eps: float
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> OptimizerSettings:
+        return cls(name=cfg.optimizer, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                   eps=cfg.adam_epsilon)
 
 
 class Lion(torch.optim.Optimizer):
