@@ -6,6 +6,7 @@ in seconds and a broken file is reported before the models load. Pixels are deco
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from dataclasses import dataclass
@@ -188,3 +189,16 @@ class TrainingData:
         instance_token = "" if ex.is_class else concept.instance_token
         prompt = build_prompt(ex.caption_template, ex.caption, instance_token, concept.class_token)
         return shuffle_tags(prompt, keep_tokens, rng) if shuffle else prompt
+
+
+def check_instance_prompts(concepts: list[Concept], resolution: int, enable_buckets: bool, seed: int) -> None:
+    """Refuse missing folders and unusable images or captions, and an image whose training prompt is empty, before
+    any model loads (class images are checked once they exist)."""
+    concepts = [dataclasses.replace(c, num_class_images_per=0) for c in concepts]
+    for ex in TrainingData(concepts, resolution, enable_buckets=enable_buckets, seed=seed).all_examples():
+        concept = concepts[ex.concept]
+        if not build_prompt(ex.caption_template, ex.caption, concept.instance_token, concept.class_token):
+            raise UserError(f"the training prompt of {ex.image} is empty (the prompt {ex.caption_template!r} "
+                            f"with its caption {ex.caption!r})",
+                            "write the captions into the .txt files beside the images, or set an instance "
+                            "prompt or instance token")
