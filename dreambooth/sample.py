@@ -284,11 +284,23 @@ def generate_images(pipeline: Any, req: SampleRequest, seeds: list[int], device:
                               num_inference_steps=req.steps, guidance_scale=req.guidance_scale, width=req.width,
                               height=req.height, num_images_per_prompt=len(seeds),
                               generator=generators if len(generators) > 1 else generators[0],
+                              latents=_initial_noise(pipeline, req, generators, module_device),
                               clip_skip=req.clip_skip - 1 if req.clip_skip > 1 else None, output_type="latent")
         images = _decode(pipeline, result.images)
     for image, seed in zip(images, seeds, strict=True):
         image.info["seed"] = seed
     return images
+
+
+def _initial_noise(pipeline: Any, req: SampleRequest, generators: list[torch.Generator],
+                   device: torch.device) -> torch.Tensor:
+    """Each seed's starting noise, drawn in fp32 as diffusers draws it for fp32 models: the same seed gives the same
+    noise whatever dtype the text encoder has (diffusers draws in the text encoder's dtype, and torch 2.1 draws a
+    different sequence in bf16 than in fp32)."""
+    shape = (1, pipeline.unet.config.in_channels, req.height // pipeline.vae_scale_factor,
+             req.width // pipeline.vae_scale_factor)
+    noise = [torch.randn(shape, generator=g, device=g.device, dtype=torch.float32) for g in generators]
+    return torch.cat(noise).to(device)
 
 
 def generate(pipeline: Any, req: SampleRequest, device: torch.device | str | None = None,

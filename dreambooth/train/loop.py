@@ -36,7 +36,7 @@ from .optimizers import build_optimizer
 from .options import RunOptions, attention_for, autocast_dtype, pick_device
 from .precision import WeightPrecision, check_weight_precision
 from .resume import latest_state
-from .saving import NAN_HINT, Saver
+from .saving import NAN_HINT, Saver, restore_rng, rng_states
 from .schedules import make_lr_scheduler
 from .speed import compile_unet, use_pinned_memory
 from .status import Controls, StatusWriter
@@ -114,11 +114,13 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg = self.cfg
+        torch.manual_seed(cfg.seed)  # dropout draws from the global generators (CPU and CUDA): a seeded run repeats
         self.concepts = resolve_concepts(cfg)
         self.resolution = cfg.resolution or get_family(cfg.family).resolution
         check_instance_prompts(self.concepts, self.resolution, cfg.enable_buckets, cfg.seed)
         self.models = load_models(self.model.working, cfg.family)
         self.autocast = autocast_dtype(cfg.mixed_precision, self.device, self.opts.cpu_fp16)
+        self.sample_settings = SampleSettings.from_config(cfg, self.autocast)  # previews and class images
         self.attention = set_attention(self.models, attention_for(cfg.attention, self.opts.attention_default))
         self._to_device()
         self.class_dirs = [self.model.class_images(i, c.class_data_dir) for i, c in enumerate(self.concepts)]
@@ -241,16 +243,13 @@ class Trainer:
                                else {}))
 
         fill_class_folders(self.concepts, self.class_dirs, lambda: Sampler(self.models, self.device,
-                           self._sample_settings()), self.resolution, self.cfg.seed, report)
-
-    def _sample_settings(self) -> SampleSettings:
-        return SampleSettings.from_config(self.cfg, self.autocast)
+                           self.sample_settings), self.resolution, self.cfg.seed, report)
 
     # ------------------------------------------------------------------------------------------------ resume
     def _trainer_state(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
-                "rng_torch": torch.get_rng_state(), "base_revision": self.base_revision, **self.method.state_dict()}
+                "base_revision": self.base_revision, **rng_states(self.device), **self.method.state_dict()}
 
     def _load_resume_state(self) -> None:
         state = latest_state(self.model.checkpoints)
@@ -265,7 +264,7 @@ class Trainer:
         self.method.load_state_dict(t)
         self.step, self.epoch, self.batch_in_epoch = t["step"], t["epoch"], t["batch_in_epoch"]
         self.base_revision = t["base_revision"]
-        torch.set_rng_state(t["rng_torch"])
+        restore_rng(t, self.device)
         log.info("resumed from %s at step %d (epoch %d)", state.path.name, self.step, self.epoch)
 
     def _recover_from_crash(self) -> None:
@@ -386,7 +385,7 @@ class Trainer:
             p.grad = None  # free every gradient before sampling (set_grads_to_none off keeps zeroed ones otherwise)
         on_device = self.offloader.on_device() if self.offloader is not None else contextlib.nullcontext()
         with on_device:
-            sampler = Sampler(self.models, self.device, self._sample_settings(), self.method.expand_prompt)
+            sampler = Sampler(self.models, self.device, self.sample_settings, self.method.expand_prompt)
             clean_stale_temps(self.model.samples, r"step\d+_c\d+_\d+\.png")  # previews cut off by a crash
             written = sampler.previews(self.concepts, self.resolution, self.model.samples,
                                        lambda c, n: f"step{self.step:06d}_c{c}_{n}",

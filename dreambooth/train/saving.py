@@ -129,6 +129,18 @@ class Saver:
         return total
 
 
+def rng_states(device: torch.device) -> dict[str, Any]:
+    """The random generators' states for a resume state: the CPU's, and the GPU's (dropout there draws from it)."""
+    return {"rng_torch": torch.get_rng_state(),
+            "rng_device": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["rng_torch"])
+    if state.get("rng_device") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng_device"], device)
+
+
 def check_disk_space(sizes: dict[Path, int], step: int) -> None:
     """Refuse a save the disks cannot hold, before anything of it is written."""
     by_disk: dict[int, tuple[Path, int, list[Path]]] = {}
