@@ -25,7 +25,7 @@ from typing import Any
 
 from . import lock, platform_compat
 from .atomic import write_json
-from .config import ATTENTION, load_concepts_file, load_config
+from .config import ATTENTION_MODES, load_concepts_file, load_config
 from .errors import ConfigError, UserError
 from .store import ModelDir
 from .train.status import CANCEL_FILE, clear_requests_of, read_status, request_cancel, request_pause, request_unpause
@@ -113,9 +113,8 @@ def start(model: ModelDir, *, models_root: Path, resume: bool = False, device: s
     another worker trains this model. ``status.json`` says ``starting`` when this returns.
     """
     _reap()
-    choices = [a for a in ATTENTION if a != "auto"]  # what the worker's --attention-default accepts
-    if attention_default is not None and attention_default not in choices:
-        raise UserError(f"attention default {attention_default!r} is not one of {', '.join(choices)}",
+    if attention_default is not None and attention_default not in ATTENTION_MODES:  # the worker's --attention-default
+        raise UserError(f"attention default {attention_default!r} is not one of {', '.join(ATTENTION_MODES)}",
                         "fix the host's attention setting")
     _check_config(model)
     _check_device_free(model, device)

@@ -101,6 +101,10 @@ class ModelDir:
     def status_path(self) -> Path:
         return self.path / "status.json"
 
+    def class_images(self, index: int, class_data_dir: str = "") -> Path:
+        """The class images of the ``index``-th concept: its own folder, else one in the model dir."""
+        return Path(class_data_dir) if class_data_dir else self.path / "classes" / f"concept_{index}"
+
     def exists(self) -> bool:
         return self.config_path.is_file() and self.working.is_dir()
 

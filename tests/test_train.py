@@ -121,14 +121,14 @@ def test_lr_curve_follows_the_scheduler(tmp_path, sd1):
 def test_cached_latents_encode_each_image_once(tmp_path, sd1):
     cached = run(make_training_model(tmp_path, sd1, name="c", cache_latents=True, epochs=3))
     fresh = run(make_training_model(tmp_path, sd1, name="f", cache_latents=False, epochs=3))
-    assert cached.vae_encodes == 4 and fresh.vae_encodes == 12
+    assert cached.latents.encodes == 4 and fresh.latents.encodes == 12
 
 
 def test_hflip_feeds_mirrored_images(tmp_path, sd1):
     trainer = run(make_training_model(tmp_path, sd1, hflip=True, epochs=3))
-    assert {flip for (_, _, flip) in trainer.latent_cache} == {True, False}
+    assert {flip for (_, _, flip) in trainer.latents.entries} == {True, False}
     trainer = run(make_training_model(tmp_path, sd1, name="noflip", hflip=False, epochs=3))
-    assert {flip for (_, _, flip) in trainer.latent_cache} == {False}
+    assert {flip for (_, _, flip) in trainer.latents.entries} == {False}
 
 
 def test_saves_and_previews_match_their_intervals(tmp_path, sd1):
@@ -492,11 +492,11 @@ def test_resolution_and_buckets_set_the_latent_size(tmp_path, sd1):
     wide = tmp_path / "concept-m" / "wide.png"
     Image.new("RGB", (128, 64), (200, 10, 10)).save(wide)
     trainer = run(md)
-    assert {tuple(v.shape[-2:]) for v in trainer.latent_cache.values()} == {(6, 6)}
+    assert {tuple(v.shape[-2:]) for v in trainer.latents.entries.values()} == {(6, 6)}
     md = make_training_model(tmp_path, sd1, name="b", epochs=1, resolution=64, enable_buckets=True)
     Image.new("RGB", (128, 64), (200, 10, 10)).save(tmp_path / "concept-b" / "wide.png")
     trainer = run(md)
-    shapes = {key[0].name: tuple(v.shape[-2:]) for key, v in trainer.latent_cache.items()}
+    shapes = {key[0].name: tuple(v.shape[-2:]) for key, v in trainer.latents.entries.items()}
     assert shapes["wide.png"][1] > shapes["wide.png"][0]  # wider than tall: no squashing into the square
     assert shapes["disc_00.png"] == (8, 8)
 

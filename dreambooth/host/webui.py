@@ -18,6 +18,7 @@ from pathlib import Path
 
 from modules import paths_internal, script_callbacks, sd_models, shared  # noqa: I001 - the WebUI's modules
 
+from ..config import ATTENTION
 from ..console import ProgressLines
 from ..errors import import_failure
 from ..store import ModelDir
@@ -251,7 +252,7 @@ def on_ui_settings() -> None:
         OPT_FREE_VRAM: shared.OptionInfo(True, "Move the WebUI's loaded model out of VRAM while training"),
         OPT_ATTENTION: shared.OptionInfo(
             "auto", "Default memory attention for training ('auto' follows the WebUI's cross attention optimization)",
-            component=_dropdown(), component_args={"choices": ["auto", "default", "sdp", "xformers"]}),
+            component=_dropdown(), component_args={"choices": list(ATTENTION)}),
         OPT_CONSOLE_EVERY: shared.OptionInfo(
             CONSOLE_EVERY_DEFAULT, "Seconds between training progress lines in the console (step, loss, it/s, "
             "ETA; 0: only the start, saves, exports and the end)"),

@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 
+from ..config import GLOBAL_OPTIMIZERS
 from ..errors import UserError
 from .precision import WeightPrecision
 
 log = logging.getLogger(__name__)
 
-GLOBAL_OPTIMIZERS = ("dadaptation", "prodigy")  # they estimate a step size from all parameters at once
 
 
 def check_fused(*, grad_accumulation: int, max_grad_norm: float, uses_grad_scaler: bool, optimizer: str) -> None:

@@ -11,7 +11,6 @@ import functools
 import hashlib
 import html
 import logging
-import secrets
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -217,7 +216,7 @@ class TabHandlers:
 
     def import_kohya(self, name: str | None, source: str, reg_folder: str) -> list[Any]:
         """[message, model info, step count, *control values] after filling the concepts from a kohya dataset."""
-        from ..kohya_import import import_kohya
+        from ..data.kohya import import_kohya
 
         md = self.model(name)
         if _jobs().running(md):
@@ -315,7 +314,7 @@ class TabHandlers:
         if jobs.running(md):
             raise UserError(f"{md.name} is training", "previews are made at the preview interval while it trains")
         cfg = self.form_config(md, values)
-        written = generate_previews(md, cfg, self.device())
+        written = generate_previews(md, cfg, self.device(), self.host.attention_default())
         if not written:
             raise UserError("no previews to make", "set 'Number of samples' of a concept to 1 or more")
         return message_html(f"made {len(written)} preview(s) in {md.samples}", "ok")
@@ -405,39 +404,9 @@ def steps_html(text: str) -> str:
     return f"<div class='db-steps'>Total: {_escape(text)}</div>"
 
 
-def generate_previews(md: ModelDir, cfg: TrainConfig, device: str | None) -> list[Path]:
+def generate_previews(md: ModelDir, cfg: TrainConfig, device: str | None, attention_default: str = "sdp"
+                      ) -> list[Path]:
     """Previews of ``md``'s working weights for each concept of ``cfg``, as the trainer makes them."""
-    import random
+    from ..sample import sample_now
 
-    import torch
-
-    from ..sample import SampleRequest, build_pipeline, generate, make_scheduler, sample_prompts, save_sample
-    from ..train.loop import pick_device, resolve_concepts
-    from ..train.models import load_models
-
-    concepts = resolve_concepts(cfg)
-    models = load_models(md.working, cfg.family)
-    dev = pick_device(device)
-    for module in (models.unet, models.vae, *models.text_encoders):
-        module.to(dev)
-    resolution = cfg.resolution or models.family.resolution
-    pipe = build_pipeline(models.family.id, models.modules_for_pipeline(),
-                          make_scheduler(cfg.sample_scheduler, models.scheduler_config))
-    tag = secrets.token_hex(3)
-    written = []
-    try:
-        for index, concept in enumerate(concepts):
-            for n, prompt in enumerate(sample_prompts(concept, concept.instance_prompt)):
-                seed = concept.sample_seed if concept.sample_seed >= 0 else random.randrange(2**32)
-                req = SampleRequest(prompt, concept.sample_negative_prompt, seed + n, concept.sample_steps,
-                                    concept.sample_guidance_scale, resolution, resolution, cfg.sample_scheduler)
-                image = generate(pipe, req, dev)
-                stem = f"now_step{cfg.revision:06d}_{tag}_c{index}_{n}"
-                written.append(save_sample(image, md.samples, stem, req,
-                                           {"step": str(cfg.revision), "epoch": str(cfg.epochs_trained),
-                                            "model": md.name, "kind": "manual"}))
-    finally:
-        del pipe, models
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-    return written
+    return sample_now(md, cfg, device, attention_default)

@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 from ..config import TrainConfig
+from ..families import FAMILY_IDS
 from . import compat
 from .form import CONCEPT_GROUPS, CONCEPT_PANELS, SETTING_GROUPS, Control, shown_for_method
 from .handlers import LOG_LINES, NO_PROFILE, PROFILE_CHOICES, Host, TabHandlers, guarded, steps_html
@@ -20,7 +21,7 @@ from .output import loss_svg, message_html, status_html
 
 log = logging.getLogger(__name__)
 
-MODEL_TYPES = ("auto", "sd1", "sd2", "sd2v", "sdxl")
+MODEL_TYPES = ("auto", *FAMILY_IDS)
 GALLERY_HEIGHT = 320
 REFRESH_SYMBOL = "\u21bb"  # the clockwise arrow, in fonts that have no emoji
 TAB_ID = "dreambooth_tab"
