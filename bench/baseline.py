@@ -19,6 +19,7 @@ lowest-memory recipe: gradient checkpointing, 8-bit AdamW when bitsandbytes work
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -228,7 +229,8 @@ def run_baseline(working: Path, case: Case, settings: BaselineSettings, images: 
         if sdxl:
             time_ids = torch.tensor([[res, res, 0, 0, res, res]] * bsz, device=device, dtype=hidden.dtype)
             added = {"text_embeds": pooled, "time_ids": time_ids}
-        with torch.autocast(device.type, dtype=torch.float16, enabled=use_fp16):
+        # (no disabled autocast context: torch 2.1 refuses fp16 CPU autocast even when it is not enabled)
+        with torch.autocast(device.type, dtype=torch.float16) if use_fp16 else contextlib.nullcontext():
             pred = unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
         target = scheduler.get_velocity(latents, noise, timesteps) \
             if scheduler.config.prediction_type == "v_prediction" else noise

@@ -145,20 +145,12 @@ def selected(case: Case, profile: str, only: list[str]) -> bool:
     return not only or any(text in f"{case.key} {profile}" for text in only)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no CUDA device; use --device cpu", file=sys.stderr)
-        return 2
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)  # the clock's CUDA events go on the current device's stream
+def run_matrix_within(args: argparse.Namespace, device: torch.device, budget_s: float | None = None) -> dict:
+    """Run the matrix's selected rows in order and return the result; with ``budget_s``, a row that would start
+    after the budget is spent is recorded as not run instead (the GPU check's time limit)."""
     matrix = args.matrix or ("gpu" if device.type == "cuda" else "cpu-smoke")
     size, cases = MATRICES[matrix]
+    started = time.perf_counter()
     peak, how = measure_peak_flops(device)
     name = device_name(device)
     meta = {"matrix": matrix, "model_size": size, "steps": args.steps, "warmup": max(args.warmup, 2),
@@ -173,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
             for profile in case.profiles:
                 if not selected(case, profile, args.only):
                     continue
+                if budget_s is not None and time.perf_counter() - started > budget_s:
+                    rows.append({**{k: None for k in ROW_KEYS}, "case": case.key, "profile": profile,
+                                 "kind": "baseline" if profile in BASELINE_VARIANTS else "ours", "notes": [],
+                                 "status": "not run: time budget spent"})
+                    continue
                 log.info("running %s %s", case.key, profile)
                 rows.append(bench.row(case, profile))
     finally:
@@ -180,6 +177,22 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     result = build_result(meta, rows)
     write_result(args.out, result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no CUDA device; use --device cpu", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # the clock's CUDA events go on the current device's stream
+    result = run_matrix_within(args, device)
     print(format_table(result))
     print(f"\nwrote {args.out}")
-    return 1 if any(r["status"].startswith("error") for r in rows) else 0
+    return 1 if any(r["status"].startswith("error") for r in result["rows"]) else 0

@@ -63,13 +63,16 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
 )}
 
 # parameters per module (the published architectures); LoRA: trained parameters per unit of rank (UNet attention
-# and feed-forward layers, kohya's default targets), approximate
+# and feed-forward layers, kohya's default targets), approximate; context: the width of the text conditioning
 PARAMS = {
-    "sd1": {"unet": 859_520_964, "vae": 83_653_863, "text_encoders": [123_060_480], "lora_per_rank": 797_184},
-    "sd2": {"unet": 865_910_724, "vae": 83_653_863, "text_encoders": [340_387_840], "lora_per_rank": 797_184},
-    "sd2v": {"unet": 865_910_724, "vae": 83_653_863, "text_encoders": [340_387_840], "lora_per_rank": 797_184},
+    "sd1": {"unet": 859_520_964, "vae": 83_653_863, "text_encoders": [123_060_480], "lora_per_rank": 797_184,
+            "context": 768},
+    "sd2": {"unet": 865_910_724, "vae": 83_653_863, "text_encoders": [340_387_840], "lora_per_rank": 797_184,
+            "context": 1024},
+    "sd2v": {"unet": 865_910_724, "vae": 83_653_863, "text_encoders": [340_387_840], "lora_per_rank": 797_184,
+             "context": 1024},
     "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoders": [123_060_480, 694_659_841],
-             "lora_per_rank": 2_904_064},
+             "lora_per_rank": 2_904_064, "context": 2048},
 }
 # activation bytes per pixel (of the training resolution's square) of one sample under 16-bit autocast
 ACTIVATION_BYTES_PER_PIXEL = {  # (without, with gradient checkpointing)
@@ -103,34 +106,30 @@ def apply_profile(cfg: TrainConfig, name: str) -> TrainConfig:
 def estimate_memory(cfg: TrainConfig, params: dict[str, Any] | None = None) -> MemoryEstimate:
     """Estimated peak device memory of training with ``cfg`` (see the module docstring). ``params``: parameter
     counts like :data:`PARAMS`' entries (default: the published ones of ``cfg.family``)."""
+    from .train.methods import method_class  # torch: only when an estimate is asked for
+
     counts = params or PARAMS[cfg.family]
     resolution = cfg.resolution or get_family(cfg.family).resolution
     bf16 = cfg.weight_precision != "fp32"
     weight_bytes = 2 if bf16 else 4
-    te_trains = cfg.text_encoder_ratio > 0 and cfg.method != "textual_inversion"
-    unet_trains = cfg.train_unet and cfg.method == "dreambooth"
-    if cfg.method == "lora":
-        trained = counts["lora_per_rank"] * cfg.lora_rank
-    elif cfg.method == "textual_inversion":
-        trained = 768 * cfg.embedding_vectors
-    else:
-        trained = (counts["unet"] if unet_trains else 0) + (sum(counts["text_encoders"]) if te_trains else 0)
+    share = method_class(cfg.method).memory(cfg, counts)
+    trained = share.trained
     offload = cfg.offload_frozen_models
     vae_on_device = not (offload and cfg.cache_latents)
-    te_on_device = te_trains or cfg.method == "textual_inversion" or not (offload and cfg.cache_text_embeddings)
+    te_on_device = share.text_encoders or not (offload and cfg.cache_text_embeddings)
     parts = {
         "unet": counts["unet"] * weight_bytes,
         "vae": counts["vae"] * weight_bytes if vae_on_device else 0,
         "text encoders": sum(counts["text_encoders"]) * weight_bytes if te_on_device else 0,
     }
-    if cfg.method == "lora":
-        parts["lora"] = trained * weight_bytes
+    if share.added:
+        parts[cfg.method] = share.added * weight_bytes
     parts["gradients"] = 0 if cfg.fused_backward_step else trained * weight_bytes
     parts["optimizer"] = trained * OPTIMIZER_STATE_BYTES.get(cfg.optimizer, 8)
     if cfg.weight_precision == "bf16_master":
         parts["fp32 masters"] = trained * 4
-    if cfg.use_ema and cfg.method == "dreambooth" and cfg.train_unet:
-        parts["ema"] = counts["unet"] * 4
+    if share.ema:
+        parts["ema"] = share.ema * 4
     without, with_ckpt = ACTIVATION_BYTES_PER_PIXEL[cfg.family]
     per_pixel = with_ckpt if cfg.gradient_checkpointing else without
     if cfg.mixed_precision == "no":

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from world_learning import LEARNT, base_shares, pipeline, subject_share, train
 
 from bench.quality import run
+from dreambooth import sample as sample_module
 from dreambooth.data.images import list_images
-from dreambooth.train import loop as loop_module
 from dreambooth.train.evaluate import evaluation_loss
 from dreambooth.train.loop import RunOptions, Trainer
 from dreambooth.train.lora import LoraNetwork, LoraSettings
@@ -78,13 +78,13 @@ def test_lora_resume_continues_the_same_run(tmp_path, tiny_checkpoint):
 
 def test_lora_previews_use_the_lora(tmp_path, tiny_checkpoint, monkeypatch):
     seen = []
-    real = loop_module.generate
+    real = sample_module.generate
 
-    def spy(pipe, req, device=None):
+    def spy(pipe, req, device=None, autocast=None):
         seen.append(pipe.unet is not None and any(len(m._forward_hooks) for m in pipe.unet.modules()))
-        return real(pipe, req, device)
+        return real(pipe, req, device, autocast)
 
-    monkeypatch.setattr(loop_module, "generate", spy)
+    monkeypatch.setattr(sample_module, "generate", spy)
     md = make_training_model(tmp_path, tiny_checkpoint("sd1"), method="lora", epochs=1, images=1,
                              preview_every_n_epochs=1)
     _run(md, tmp_path)
