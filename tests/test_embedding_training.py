@@ -6,14 +6,11 @@ import pytest
 import torch
 from conftest import cancelled_at, make_training_model, working_files
 from safetensors.torch import load_file
-from world_learning import LEARNT, base_shares, pipeline, subject_share, train
 
-from bench.quality import run, world
 from dreambooth.errors import UserError
 from dreambooth.train import loop as loop_module
 from dreambooth.train.loop import RunOptions, Trainer
 
-TI_LR, TI_EPOCHS, TI_VECTORS = 5e-3, 20, 1
 CONCEPT = {"instance_prompt": "a photo of zwx-style disc", "sample_prompt": "zwx-style"}
 
 
@@ -43,19 +40,6 @@ def test_only_the_embedding_trains_and_the_webui_file_appears(tmp_path, tiny_che
         trainer.models.tokenizers[0]("disc", add_special_tokens=False).input_ids].mean(0)
     assert not torch.allclose(exported["emb_params"][0], init.detach())  # it trained
     assert trainer.previews == [8]
-
-
-@pytest.mark.slow
-def test_textual_inversion_learns_the_subject(tmp_path):
-    # a new word for the subject, initialised from its class word, on the pretrained world model: diffusers loads the
-    # embedding file, and the stock pipeline draws the subject the base draws in about one sample of a hundred
-    md = run.subject_model(tmp_path, "m", dict(method="textual_inversion", embedding_token=world.SUBJECT_WORD,
-                                               embedding_init_word=world.CLASS_WORD, embedding_vectors=TI_VECTORS,
-                                               learning_rate=TI_LR, epochs=TI_EPOCHS))
-    train(md, tmp_path)
-    share = subject_share(pipeline(tmp_path / "embeddings" / f"{world.SUBJECT_WORD}.safetensors",
-                                   "textual_inversion"))
-    assert share >= base_shares()[0] + LEARNT, (base_shares(), share)
 
 
 def test_a_missing_word_is_a_clear_error(tmp_path, tiny_checkpoint):

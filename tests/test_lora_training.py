@@ -7,9 +7,7 @@ import torch
 from conftest import cancelled_at, make_training_model, working_files
 from safetensors import safe_open
 from safetensors.torch import load_file
-from world_learning import LEARNT, base_shares, pipeline, subject_share, train
 
-from bench.quality import run
 from dreambooth import sample as sample_module
 from dreambooth.data.images import list_images
 from dreambooth.train.evaluate import evaluation_loss
@@ -17,7 +15,7 @@ from dreambooth.train.loop import RunOptions, Trainer
 from dreambooth.train.lora import LoraNetwork, LoraSettings
 from dreambooth.train.models import load_models
 
-LORA_LR, LORA_EPOCHS = 1e-3, 20
+PROMPT = "a photo of zwx disc"
 
 
 def _run(md, tmp_path, **opts):
@@ -35,13 +33,18 @@ def _with_lora(md, lora_file, rank, alpha):
 
 
 @pytest.mark.slow
-def test_lora_learns_and_leaves_the_base_model_unchanged(tmp_path):
-    # LoRA + LoCon on the pretrained world model: the stock pipeline with the exported file merged in draws the
-    # subject the base draws in about one sample of a hundred
-    md = run.subject_model(tmp_path, "m", dict(method="lora", lora_rank=8, lora_alpha=8.0, lora_conv_rank=8,
-                                               lora_conv_alpha=8.0, learning_rate=LORA_LR, epochs=LORA_EPOCHS))
+def test_lora_learns_and_leaves_the_base_model_unchanged(tmp_path, tiny_checkpoint):
+    # the tiny base is random, not a denoiser: only LoRA + LoCon at (nearly) full rank of its narrow layers moves
+    # it at all, and by how much depends on the CPU's float rounding over 120 steps at a high LR (31-32% on one
+    # machine, 21.6% on another). So this asserts what holds on any CPU: the trained LoRA lowers the loss on its
+    # images clearly (>= 10%), and switching it off gives the base's loss back exactly.
+    md = make_training_model(tmp_path, tiny_checkpoint("sd1"), method="lora", lora_rank=32, lora_alpha=32.0,
+                             lora_conv_rank=32, lora_conv_alpha=32.0, learning_rate=5e-3, epochs=30,
+                             save_checkpoint=True)
     before = working_files(md)
-    trainer = train(md, tmp_path)
+    images = list_images(tmp_path / "concept-m")
+    base_loss = evaluation_loss(load_models(md.working, "sd1"), images, PROMPT, 64)
+    trainer = _run(md, tmp_path)
     assert working_files(md) == before  # the base model is bitwise unchanged
     exported = tmp_path / "Lora" / f"m_{trainer.total_steps}.safetensors"
     state = load_file(str(exported))
@@ -49,16 +52,13 @@ def test_lora_learns_and_leaves_the_base_model_unchanged(tmp_path):
     assert any("resnets" in k for k in state)  # LoCon: the convolutions too
     with safe_open(str(exported), "pt") as fh:
         meta = fh.metadata()
-    assert meta["ss_network_dim"] == "8" and meta["ss_network_alpha"] == "8.0"
+    assert meta["ss_network_dim"] == "32" and meta["ss_network_alpha"] == "32.0"
     assert meta["ss_output_name"] == exported.stem and "conv_dim" in meta["ss_network_args"]
-    share = subject_share(pipeline(exported, "lora"))
-    assert share >= base_shares()[0] + LEARNT, (base_shares(), share)
-    models, network = _with_lora(md, exported, 8, 8.0)
-    images = list_images(tmp_path / "instances")
-    base_loss = evaluation_loss(load_models(md.working, "sd1"), images, run.INSTANCE_PROMPT, 64)
-    assert evaluation_loss(models, images, run.INSTANCE_PROMPT, 64) < base_loss
+    models, network = _with_lora(md, exported, 32, 32.0)
+    lora_loss = evaluation_loss(models, images, PROMPT, 64)
+    assert lora_loss <= 0.9 * base_loss, (base_loss, lora_loss)
     network.multiplier = 0.0  # the LoRA off: the base model again
-    assert evaluation_loss(models, images, run.INSTANCE_PROMPT, 64) == pytest.approx(base_loss, rel=1e-5)
+    assert evaluation_loss(models, images, PROMPT, 64) == pytest.approx(base_loss, rel=1e-5)
 
 
 def test_lora_resume_continues_the_same_run(tmp_path, tiny_checkpoint):

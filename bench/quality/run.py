@@ -165,10 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--samples", type=int, default=16, help="samples per prompt")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=None, help="every method's epochs (default: each method's own)")
     p.add_argument("--base", type=Path, default=BASE_MODEL, help="the base checkpoint (default: the shipped one)")
     p.add_argument("--workdir", type=Path, default=None, help="keep the models here (default: a temp dir)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
+    if not args.base.is_file():
+        p.error(f"no base model at {args.base}: build it with `python -m bench.quality.pretrain --out {args.base}` "
+                "(tens of minutes on a CPU), or pass --base FILE")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s")
     for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE"):
         os.environ.setdefault(key, "1")
@@ -176,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     # waiting on each other (a tiny model's step measured 20x slower with two threads on two loaded cores)
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+    if args.epochs is not None:
+        for settings in METHODS.values():
+            settings["epochs"] = args.epochs
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)
         run(args.out, args.methods, args.samples, args.seed, args.workdir, args.base)
