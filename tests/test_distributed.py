@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from dreambooth.lock import holder
 from dreambooth.train.distributed import Ranks, global_batch
 from dreambooth.train.launch import launcher_args
 from dreambooth.train.loop import RunOptions, Trainer
-from dreambooth.train.resume import latest_state
+from dreambooth.train.resume import latest_state, list_states
 
 ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-5  # the tests train at learning rates of 1e-3 and more: each Adam step moves a weight by about that
@@ -210,3 +211,25 @@ def test_a_run_on_several_gpus_is_refused_when_one_of_them_is_in_use(tmp_path, t
     finally:
         other.release()
     assert not (md.path / "status.json").exists()  # refused before anything was written
+
+
+@pytest.mark.slow
+def test_cancel_ends_every_process_and_saves_once(tmp_path, tiny_checkpoint):
+    from dreambooth.train.status import read_status, request_cancel
+
+    md = make_training_model(tmp_path / "dp", tiny_checkpoint("sd1"), epochs=50, images=4, save_on_cancel=True,
+                             save_checkpoint=True)
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "dreambooth", "train", "m", "--models-root", str(tmp_path / "dp"),
+                             "--export-dir", str(tmp_path / "export"), "--processes", "2", "--device", "cpu"],
+                            cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while (read_status(md) or {}).get("step", 0) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    request_cancel(md)  # what the tab's and the CLI's Cancel do: rank 0 reads it, every process stops
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out
+    status = read_status(md)
+    assert status["state"] == "cancelled" and 2 <= status["step"] < 100, status
+    assert [p.name for p in list_states(md.checkpoints)] == [f"step_{status['step']:08d}"]  # saved once, by rank 0
+    assert _files(tmp_path / "export") == {f"m_{status['step']}.safetensors"}

@@ -92,7 +92,7 @@ class Trainer:
                 self._train()
             except Cancelled:
                 self.ranks.stop(CANCEL)  # the other processes (waiting for this one) stop too
-                if self.cfg.save_on_cancel and self.step > 0:
+                if self.cfg.save_on_cancel and self.step > 0 and self.ranks.main:  # rank 0 saves; the others wait
                     self._save()  # a failing save here ends as "failed", below
                 self._finish("cancelled", f"cancelled at step {self.step}")
             else:
