@@ -8,7 +8,9 @@ gradients summed over the processes (:meth:`Ranks.sum_`) are the whole batch's: 
 learning-rate schedule are those of one process at the global batch. Buckets stay whole: a batch holds one bucket.
 
 Only rank 0 writes: status, loss log, previews, saves, resume states, exports; it holds the model's lock and the
-locks of every GPU in use. The others never write into the model dir (:class:`QuietStatus`, :class:`ProcessSignals`).
+locks of every GPU in use. The others never write into the model dir: they get :class:`QuietStatus` and
+:class:`ProcessSignals` here, and the loop's rank-0-only parts are marked by ``ranks.main`` / :meth:`Ranks.by_main`
+(the locks, class images, crash repair, ``_end_of_epoch``'s previews / saves / pauses, reports, the cancel save).
 
 How they stay together: at every point where the run may take another way (each step's cancel / pause, each step's
 outcome, the end of a rank-0-only part such as class images or a save, the end of the run) all processes
