@@ -14,7 +14,7 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from typing import Any
 from .atomic import write_json
 from .errors import ConfigError, UserError
 from .families import FAMILY_IDS
+from .gpus import text_problem as gpus_problem
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +64,16 @@ EPSILON_OPTIMIZERS = ("adamw", "adamw_8bit", "dadaptation", "prodigy")
 
 def setting(default: Any, label: str, help: str, group: str, *, minimum: float | None = None,
             maximum: float | None = None, choices: Collection[str] | None = None, ui: bool = True,
-            methods: tuple[str, ...] | None = None, optimizers: tuple[str, ...] | None = None) -> Any:
+            methods: tuple[str, ...] | None = None, optimizers: tuple[str, ...] | None = None,
+            kind: str | None = None, check: Callable[[Any], str | None] | None = None) -> Any:
     """A dataclass field with the metadata the UI, CLI and API are generated from.
 
     ``methods`` / ``optimizers``: the training methods / optimizers the setting applies to (None: all); the tab
-    hides it for the others.
+    hides it for the others. ``kind``: the tab's control where the type does not say it (``"gpus"``: this
+    machine's GPUs); ``check``: what is wrong with a value of the right type, or None.
     """
     meta = {"label": label, "help": help, "group": group, "min": minimum, "max": maximum, "choices": choices,
-            "ui": ui, "methods": methods, "optimizers": optimizers}
+            "ui": ui, "methods": methods, "optimizers": optimizers, "kind": kind, "check": check}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -203,6 +206,10 @@ class TrainConfig:
     gradient_accumulation_steps: int = setting(1, "Gradient accumulation steps",
                                                "Steps whose gradients are summed before one optimizer update.",
                                                "batching", minimum=1, maximum=1024)
+    gpus: str = setting("", "GPUs", "The GPUs to train on. Two or more train data-parallel, one process per GPU, "
+                        "each with the batch size above: the global batch is batch size x GPUs x gradient accumulation"
+                        ", and the steps count that global batch. Empty: the default GPU.", "batching", kind="gpus",
+                        check=gpus_problem)
     oom_retry_smaller_batch: bool = setting(False, "On out of memory, retry with a smaller batch",
                                             "When a step runs out of memory with a batch above 1, halve the batch "
                                             "and double the gradient accumulation (same effective batch) and go on "
@@ -367,6 +374,8 @@ class FieldSpec:
     ui: bool
     methods: tuple[str, ...] | None = None  # the training methods it applies to; None: all
     optimizers: tuple[str, ...] | None = None  # the optimizers that read it; None: all
+    kind: str | None = None  # the tab's control where the type does not say it (see ``setting``)
+    check: Callable[[Any], str | None] | None = None  # what is wrong with a value of the right type
 
     def applies(self, method: str, optimizer: str | None = None) -> bool:
         """Whether the setting has an effect with this training method and optimizer (None: any optimizer)."""
@@ -384,7 +393,8 @@ def field_specs(cls: type = TrainConfig) -> list[FieldSpec]:
         m = f.metadata
         choices = tuple(m["choices"]) if m["choices"] is not None else None  # METHODS grows when one registers
         specs.append(FieldSpec(f.name, types[f.name], f.default, m["label"], m["help"], m["group"], m["min"],
-                               m["max"], choices, m["ui"], m.get("methods"), m.get("optimizers")))
+                               m["max"], choices, m["ui"], m.get("methods"), m.get("optimizers"), m.get("kind"),
+                               m.get("check")))
     return specs
 
 
@@ -464,6 +474,9 @@ def coerce(name: str, spec: FieldSpec, value: Any) -> Any:
                           "pick one of the listed values")
     if spec.minimum is not None and value < spec.minimum or spec.maximum is not None and value > spec.maximum:
         raise ConfigError(f"{name}: expected {expected}, got {value!r}", "use a value inside the range")
+    problem = spec.check(value) if spec.check is not None else None
+    if problem:
+        raise ConfigError(f"{name}: {problem}", "fix the value in db_config.json or the form")
     return value
 
 

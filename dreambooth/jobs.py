@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import lock, platform_compat
+from . import gpus, lock, platform_compat
 from .atomic import write_json
 from .config import ATTENTION_MODES, load_concepts_file, load_config
 from .errors import ConfigError, UserError
@@ -87,11 +87,12 @@ def _check_config(model: ModelDir) -> None:
 def _check_device_free(model: ModelDir, device: str | None) -> None:
     """Refuse a start on a GPU another model trains on now (the worker takes the device lock itself; this only
     answers at once instead of through a failed run)."""
-    key = lock.device_key(device)
-    busy = lock.device_holder(model.path.parent, key)
-    if busy is not None and busy.get("model") != model.name:
-        raise AlreadyRunning(f"{key} is busy: model {busy.get('model')!r} is training on it (pid {busy['pid']})",
-                             "wait for that training to finish or cancel it, or pick another GPU")
+    chosen = [] if device else gpus.parse(load_config(model.path).gpus)  # the GPUs setting, without a device
+    for key in [lock.device_key(f"cuda:{n}") for n in chosen] if chosen else [lock.device_key(device)]:
+        busy = lock.device_holder(model.path.parent, key)
+        if busy is not None and busy.get("model") != model.name:
+            raise AlreadyRunning(f"{key} is busy: model {busy.get('model')!r} is training on it (pid {busy['pid']})",
+                                 "wait for that training to finish or cancel it, or pick another GPU")
 
 
 def _worker_env(token: str) -> dict[str, str]:

@@ -2,7 +2,8 @@
 intervals, reported through ``status.json``. ``Trainer.run`` reads as an outline. The loop never asks which training
 method it runs (what trains, and how, is ``methods/``); one step's loss is ``step.py``, saves and crash recovery
 ``saving.py``, out-of-memory handling ``oom.py``, previews and class images ``sample.py``, speed and memory switches
-``caches.py``, ``precision.py``, ``fused.py``, ``speed.py``.
+``caches.py``, ``precision.py``, ``fused.py``, ``speed.py``; a run in several processes (each its share of every
+batch, rank 0 the only writer) ``distributed.py``.
 
 No host sync per step: losses stay on the device in ``pending_losses`` and are read once per status write
 (:meth:`Trainer._report`). Previews free every gradient first; offloaded modules come back only for them.
@@ -22,53 +23,54 @@ from ..atomic import clean_stale_temps, fault_point
 from ..compat import grad_scaler
 from ..config import check_applies, load_config, resolve_concepts
 from ..data.dataset import Example, TrainingData, check_instance_prompts
-from ..data.prompts import tokenize_prompts
 from ..errors import UserError
 from ..families import get_family
+from ..gpus import check_several_processes
 from ..lock import acquire, acquire_device, device_key
 from ..sample import Sampler, SampleSettings, fill_class_folders
 from ..store import ModelDir
 from . import oom
+from .batch import make_batch
 from .caches import LatentCache, Offloader, TextEmbeddingCache, offload_idle
+from .distributed import CANCEL, SingleProcess, from_environment, global_batch
 from .methods import MethodContext, SavePoint, Weights, method_class
 from .models import load_models, set_attention
 from .optimizers import build_optimizer
-from .options import RunOptions, attention_for, autocast_dtype, pick_device
+from .options import RunOptions, attention_for, autocast_dtype, pick_device  # noqa: F401 - tests use loop's
 from .precision import WeightPrecision, check_weight_precision
-from .resume import latest_state
 from .saving import NAN_HINT, Saver, restore_rng, rng_states
 from .schedules import make_lr_scheduler
 from .speed import compile_unet, use_pinned_memory
-from .status import Controls, StatusWriter
+from .status import Cancelled
 from .step import Batch, StepSettings, compute_loss
 
 log = logging.getLogger(__name__)
 
 
-class Cancelled(Exception):
-    """Raised at a step boundary when the user asked to cancel."""
-
-
 class Trainer:
     """One training run of one model dir."""
 
-    def __init__(self, model: ModelDir, options: RunOptions | None = None) -> None:
+    def __init__(self, model: ModelDir, options: RunOptions | None = None, ranks: SingleProcess | None = None) -> None:
         self.model = model
         self.opts = options or RunOptions()
+        self.ranks = ranks or SingleProcess()  # the processes of the run; only rank 0 (the main one) writes
         self.cfg = load_config(model.path)
+        if self.ranks.world > 1:
+            check_several_processes(self.cfg)  # also when torchrun / accelerate started the processes
         # one run per model dir; takes over the lock jobs.start handed to this worker ($DREAMBOOTH_LOCK_TOKEN)
-        self.lock = acquire(model.path)
-        self.device_lock = None
+        self.lock = acquire(model.path) if self.ranks.main else None
+        self.device_locks: list = []
         try:
-            self.device = pick_device(self.opts.device)
-            key = device_key(str(self.device))  # one training per GPU; None on the CPU
-            if key is not None:
-                self.device_lock = acquire_device(model.path.parent, key, model.name)
+            self.device = self.ranks.device(self.opts.device)
+            devices = [str(self.device), *self.ranks.other_gpus()] if self.ranks.main else []
+            for key in filter(None, map(device_key, devices)):  # one training per GPU (all of a run's); none on CPU
+                self.device_locks.append(acquire_device(model.path.parent, key, model.name))
             if self.device.type == "cpu":
                 torch.set_flush_denormal(True)  # tiny values otherwise slow CPU math down by orders of magnitude
             # a worker jobs.start launched keeps the requests made while it started; a direct run drops old ones
-            self.controls = Controls(model, self.opts.install_signal_handlers, clear_requests=not self.lock.handed_over)
-            self.status = StatusWriter(model, self.device)
+            self.controls = self.ranks.controls(model, self.opts.install_signal_handlers,
+                                                not (self.lock and self.lock.handed_over))
+            self.status = self.ranks.status_writer(model, self.device)
         except BaseException:
             self._release_locks()
             raise
@@ -86,14 +88,15 @@ class Trainer:
         try:
             try:
                 self._setup()
-                self._recover_from_crash()
+                self.ranks.by_main(self._recover_from_crash)  # the others wait for rank 0's repairs
                 self._train()
             except Cancelled:
-                if self.cfg.save_on_cancel and self.step > 0:
+                self.ranks.stop(CANCEL)  # the other processes (waiting for this one) stop too
+                if self.cfg.save_on_cancel and self.step > 0 and self.ranks.main:  # rank 0 saves; the others wait
                     self._save()  # a failing save here ends as "failed", below
                 self._finish("cancelled", f"cancelled at step {self.step}")
             else:
-                lowered = "" if self.micro_batch == self.cfg.train_batch_size else \
+                lowered = "" if self.micro_batch == math.ceil(self.batch / self.ranks.world) else \
                     f" (with batch {self.micro_batch} after running out of memory)"
                 self._finish("done", f"training complete{lowered}")
         except UserError as err:
@@ -109,9 +112,8 @@ class Trainer:
         return self.status.status
 
     def _release_locks(self) -> None:
-        if self.device_lock is not None:
-            self.device_lock.release()
-        self.lock.release()
+        for held in [*self.device_locks, *([self.lock] if self.lock else [])]:
+            held.release()
 
     def _setup(self) -> None:
         cfg = self.cfg
@@ -125,12 +127,15 @@ class Trainer:
         self.attention = set_attention(self.models, attention_for(cfg.attention, self.opts.attention_default))
         self._to_device()
         self.class_dirs = [self.model.class_images(i, c.class_data_dir) for i, c in enumerate(self.concepts)]
-        self._generate_class_images()
+        self.ranks.by_main(self._generate_class_images)  # the others wait for rank 0's class images
         class_dirs = [d if c.num_class_images_per > 0 else None for c, d in zip(self.concepts, self.class_dirs,
                                                                                    strict=True)]
         self.data = TrainingData(self.concepts, self.resolution, enable_buckets=cfg.enable_buckets, seed=cfg.seed,
                                  class_dirs=class_dirs, bucket_step=8 if self.resolution < 256 else 64)
-        self.steps_per_epoch = self.data.steps_per_epoch(cfg.train_batch_size, cfg.gradient_accumulation_steps)
+        self.resume = self.ranks.resume_state(self.model.checkpoints) if self.opts.resume else None
+        self.batch, note = global_batch(cfg.train_batch_size, self.ranks.world, self.resume and self.resume.trainer)
+        self.micro_batch = math.ceil(self.batch / self.ranks.world)  # this process's share of each batch
+        self.steps_per_epoch = self.data.steps_per_epoch(self.batch, cfg.gradient_accumulation_steps)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.method = method_class(cfg.method)(MethodContext(cfg, self.models, self.device, self.model, self.opts))
         self.text_encoder_steps = self.method.text_encoder_steps(math.floor(cfg.text_encoder_ratio * self.total_steps))
@@ -147,10 +152,12 @@ class Trainer:
         else:
             self.status.start_new_loss_log(self.base_revision)  # this run's steps count from 1 again
         self._prepare_caches()
+        self.ranks.check_same(self.trained_params)
         log.info("training %s: %d epochs x %d steps = %d steps", self.model.name, cfg.epochs, self.steps_per_epoch,
                  self.total_steps)
         self.status.update(force=True, state="running", total_steps=self.total_steps, total_epochs=cfg.epochs,
-                           step=self.step, epoch=self.epoch, attention=self.attention)
+                           step=self.step, epoch=self.epoch, attention=self.attention, **self.ranks.status_fields(),
+                           **({"note": note} if note else {}))
 
     def _train(self) -> None:
         cfg = self.cfg
@@ -158,7 +165,7 @@ class Trainer:
         self.start_step = self.step
         self.pending_losses: list[tuple[int, int, torch.Tensor, list[float]]] = []
         while self.epoch < cfg.epochs:
-            batches = self.data.epoch_batches(self.epoch, cfg.train_batch_size)
+            batches = self.data.epoch_batches(self.epoch, self.batch)
             groups = [batches[i:i + cfg.gradient_accumulation_steps]
                       for i in range(0, len(batches), cfg.gradient_accumulation_steps)]
             while self.batch_in_epoch < len(groups):
@@ -174,6 +181,8 @@ class Trainer:
     def _end_of_epoch(self) -> None:
         cfg, epoch = self.cfg, self.epoch
         last = epoch == cfg.epochs
+        if not self.ranks.main:
+            return  # previews, saves and pauses are rank 0's; the others wait at the next step
         if cfg.preview_every_n_epochs and (epoch % cfg.preview_every_n_epochs == 0 or last):
             self._preview()
         if last or cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0:
@@ -250,10 +259,11 @@ class Trainer:
     def _trainer_state(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
-                "base_revision": self.base_revision, **rng_states(self.device), **self.method.state_dict()}
+                "base_revision": self.base_revision, **rng_states(self.device), **self.method.state_dict(),
+                **self.ranks.state(self.batch)}
 
     def _load_resume_state(self) -> None:
-        state = latest_state(self.model.checkpoints)
+        state = self.resume
         if state is None:
             log.warning("no resume state in %s: starting from the working weights", self.model.checkpoints)
             return
@@ -286,7 +296,10 @@ class Trainer:
         logged = len(self.pending_losses)
         free = lambda: oom.free_memory(self.optimizer, self.device)  # noqa: E731
         with oom.stop_on_out_of_memory(self._out_of_memory_error, free):
-            oom.retry_smaller(lambda: self._backward(group, settings, lrs), lambda: self._halve_batch(logged), free)
+            oom.retry_smaller(lambda: self.ranks.together(lambda: self._backward(group, settings, lrs)),
+                              lambda: self._halve_batch(logged), free)  # together: every process does the same
+            self.ranks.sum_([p.grad for p in self.trained_params if p.grad is not None]
+                            + [loss for _, _, loss, _ in self.pending_losses[logged:]])  # the global batch's
             fault_point("step")  # test hook: gradients made, weights not yet updated
             params = [p for p in self.trained_params if p.grad is not None]  # none after a fused backward
             if self.scaler:
@@ -310,11 +323,10 @@ class Trainer:
         generator, rng = torch.Generator().manual_seed(seed), random.Random(seed)
         for examples in group:
             batch_loss = 0.0
-            for start in range(0, len(examples), self.micro_batch):
-                piece = examples[start:start + self.micro_batch]
-                oom.oom_point(self.step + 1, len(piece))
-                loss, _ = compute_loss(self.models, self._make_batch(piece, rng), settings, generator)
-                loss = loss * (len(piece) / len(examples))
+            for whole, rows, share in self.ranks.pieces(examples, self.micro_batch):  # this process's rows
+                oom.oom_point(self.step + 1, len(whole[rows]))
+                loss, _ = compute_loss(self.models, self._make_batch(whole, rng, rows), settings, generator)
+                loss = loss * share
                 (self.scaler.scale(loss / len(group)) if self.scaler else loss / len(group)).backward()
                 batch_loss = batch_loss + loss.detach()
             self.pending_losses.append((self.step + 1, self.epoch, batch_loss, lrs))
@@ -344,26 +356,10 @@ class Trainer:
         if self.offloader is not None and self.text_cache is not None:
             self.offloader.offload(list(self.models.text_encoders))  # frozen from now on: the cache stands in
 
-    def _make_batch(self, examples: list[Example], rng: random.Random) -> Batch:
-        cfg = self.cfg
-        flips = [cfg.hflip and rng.random() < 0.5 for _ in examples]
-        latents = torch.stack([self.latents.get(ex, flip) for ex, flip in zip(examples, flips, strict=True)])
-        if cfg.channels_last:
-            latents = latents.contiguous(memory_format=torch.channels_last)
-        prompts = [self.method.expand_prompt(self.data.prompt_for(ex, shuffle=cfg.shuffle_tags,
-                                                                  keep_tokens=cfg.keep_tokens, rng=rng))
-                   for ex in examples]
-        token_ids = []
-        for tokenizer in self.models.tokenizers:
-            ids, warnings = tokenize_prompts(tokenizer, prompts, cfg.long_prompts)
-            for warning in warnings:
-                log.warning("%s", warning)
-            token_ids.append(ids)
-        is_class = torch.tensor([ex.is_class for ex in examples])
-        encoded = None
-        if self.text_cache is not None and self.step >= self.text_encoder_steps:
-            encoded = self.text_cache.get(token_ids)  # the text encoders are frozen for this step
-        return Batch(latents, token_ids, is_class, [ex.bucket for ex in examples], encoded)
+    def _make_batch(self, whole: list[Example], rng: random.Random, rows: slice) -> Batch:
+        frozen = self.text_cache is not None and self.step >= self.text_encoder_steps  # the cache stands in
+        return make_batch(self.cfg, whole, rows, rng, self.data, self.method.expand_prompt, self.latents,
+                          self.models.tokenizers, self.text_cache if frozen else None)
 
     # ------------------------------------------------------------------------------------------------ events
     def _save_point(self) -> SavePoint:
@@ -396,6 +392,9 @@ class Trainer:
         self.status.update(force=True, samples=[str(p) for p in written])
 
     def _report(self) -> None:
+        if not self.ranks.main:
+            self.pending_losses.clear()  # rank 0 reports (the losses are summed over the processes)
+            return
         now = time.time()
         if not self.status.due() and self.step < self.total_steps:
             return
@@ -421,15 +420,7 @@ class Trainer:
             self.opts.on_progress(self.status.status)
 
     def _check_controls(self) -> None:
-        if self.controls.cancel_requested:
-            raise Cancelled()
-        if self.controls.pause_requested:
-            self.status.update(force=True, state="paused", message="paused by the user")
-            while self.controls.pause_requested:
-                if self.controls.cancel_requested:
-                    raise Cancelled()
-                time.sleep(0.2)
-            self.status.update(force=True, state="running", message="resumed")
+        self.ranks.check_controls(self.controls, self.status)  # raises Cancelled; pauses while asked
 
     def _sleep(self, seconds: float, message: str) -> None:
         self.status.update(force=True, state="paused", message=message)
@@ -446,5 +437,8 @@ class Trainer:
 
 
 def train_model(model: ModelDir, options: RunOptions | None = None) -> dict:
-    """Run one training of ``model`` in this process. Returns the final status."""
-    return Trainer(model, options).run()
+    """Run one training of ``model`` in this process (one of several under torch's launcher). Returns the final
+    status (of this process: rank 0's is the run's)."""
+    ranks = from_environment((options or RunOptions()).device)
+    with ranks.session():
+        return Trainer(model, options, ranks).run()

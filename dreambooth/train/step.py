@@ -27,6 +27,10 @@ class Batch:
     sizes: list[tuple[int, int]]  # (width, height) in pixels, for SDXL's time ids
     # the text conditioning (hidden, pooled) from the text embedding cache; None: encode token_ids in the step
     encoded: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    # one process's rows of a batch of ``drawn_for`` examples (data parallel), from ``first_row`` on: the noise is drawn
+    # for the whole batch and these rows kept, so each example gets what it gets in one process; 0: this whole batch
+    drawn_for: int = 0
+    first_row: int = 0
 
 
 @dataclass
@@ -64,10 +68,11 @@ def compute_loss(models: Models, batch: Batch, settings: StepSettings, generator
     scheduler = models.noise_scheduler
 
     # 1. noise and a random timestep per example, plus the optional per-channel noise offset
-    noise = torch.randn(latents.shape, generator=generator).to(device)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), generator=generator).to(device)
+    drawn, rows = batch.drawn_for or bsz, slice(batch.first_row, batch.first_row + bsz)
+    noise = torch.randn((drawn, *latents.shape[1:]), generator=generator)[rows].to(device)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (drawn,), generator=generator)[rows].to(device)
     if settings.offset_noise > 0:
-        offset = torch.randn((bsz, latents.shape[1], 1, 1), generator=generator).to(device)
+        offset = torch.randn((drawn, latents.shape[1], 1, 1), generator=generator)[rows].to(device)
         noise = noise + settings.offset_noise * offset
     noisy = scheduler.add_noise(latents, noise, timesteps)
 

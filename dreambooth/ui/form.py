@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import gpus
 from ..config import Concept, FieldSpec, TrainConfig, coerce, field_specs, load_concepts_file
 from ..data.steps import count_steps
 from ..errors import ConfigError, UserError
@@ -61,8 +62,11 @@ class Control:
 
 
 def control_kind(spec: FieldSpec) -> str:
-    """bool -> checkbox; choices -> dropdown; an int with a narrow range -> slider; other numbers -> number;
-    str -> textbox. Floats never get a slider: a range input snaps to its step and would change e.g. 0.9999."""
+    """The spec's own kind (``gpus``: this machine's GPUs to tick); else bool -> checkbox; choices -> dropdown; an
+    int with a narrow range -> slider; other numbers -> number; str -> textbox. Floats never get a slider: a range
+    input snaps to its step and would change e.g. 0.9999."""
+    if spec.kind is not None:
+        return spec.kind
     if spec.type is bool:
         return "checkbox"
     if spec.choices is not None:
@@ -101,7 +105,9 @@ def config_to_values(cfg: TrainConfig, controls: list[Control]) -> list[Any]:
     blank = Concept()
     values = []
     for control in controls:
-        if control.concept is None:
+        if control.kind == "gpus":
+            values.append(gpus.choices(getattr(cfg, control.spec.name))[1])  # the ticked GPUs' labels
+        elif control.concept is None:
             values.append(getattr(cfg, control.spec.name))
         else:
             concept = cfg.concepts[control.concept] if control.concept < len(cfg.concepts) else blank
@@ -113,6 +119,8 @@ def _from_control(control: Control, value: Any) -> Any:
     """A control's value as the setting's type, checked against the setting's range and choices."""
     spec = control.spec
     name = f"{control.where}{spec.label}"
+    if control.kind == "gpus":
+        value = gpus.from_choices(value)
     if spec.type is str:
         value = "" if value is None else str(value)
     elif spec.type is bool:

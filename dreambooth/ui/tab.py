@@ -12,6 +12,7 @@ import functools
 import logging
 from typing import Any
 
+from .. import gpus
 from ..config import TrainConfig
 from ..families import FAMILY_IDS
 from . import compat
@@ -46,6 +47,10 @@ def _component(control: Control, visible: bool = True) -> Any:
                                info=spec.help or None, elem_id=control.elem_id, visible=visible)
     if kind == "slider":
         return compat.make(gr.Slider, minimum=spec.minimum, maximum=spec.maximum, step=1, **common)
+    if kind == "gpus":  # this machine's GPUs, numbered as torch numbers them here
+        machine = gpus.machine_gpus()
+        info = spec.help if machine else f"{spec.help} (No CUDA GPU found here: training runs on the CPU.)"
+        return compat.make(gr.CheckboxGroup, choices=machine, **{**common, "value": [], "info": info})
     if kind == "number":
         return compat.make(gr.Number, precision=0 if spec.type is int else None, minimum=spec.minimum,
                            maximum=spec.maximum, **common)
