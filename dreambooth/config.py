@@ -14,7 +14,7 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,8 @@ HYPERNETWORK_ACTIVATIONS = ("linear", "relu", "leakyrelu", "elu", "swish", "tanh
                             "softplus", "selu", "celu", "relu6", "hardswish", "hardtanh", "hardsigmoid", "softsign",
                             "tanhshrink", "logsigmoid")
 WEIGHT_PRECISIONS = ("fp32", "bf16_master", "bf16_stochastic")
+# the LoRA method's adapter types (train/adapters.py: one class each, in the WebUI's key layout for that type)
+LORA_TYPES = ("lora", "loha", "lokr", "dora")
 # the optimizers that read the betas / epsilon (train/optimizers.py; a test checks): Adafactor keeps no first moment
 # and its own epsilon pair, Lion has no epsilon. The others ignore these settings, so the tab hides them.
 BETAS_OPTIMIZERS = ("adamw", "adamw_8bit", "lion", "dadaptation", "prodigy")
@@ -63,14 +65,17 @@ EPSILON_OPTIMIZERS = ("adamw", "adamw_8bit", "dadaptation", "prodigy")
 
 def setting(default: Any, label: str, help: str, group: str, *, minimum: float | None = None,
             maximum: float | None = None, choices: Collection[str] | None = None, ui: bool = True,
-            methods: tuple[str, ...] | None = None, optimizers: tuple[str, ...] | None = None) -> Any:
+            methods: tuple[str, ...] | None = None, optimizers: tuple[str, ...] | None = None,
+            requires: Mapping[str, tuple[str, ...]] | None = None) -> Any:
     """A dataclass field with the metadata the UI, CLI and API are generated from.
 
     ``methods`` / ``optimizers``: the training methods / optimizers the setting applies to (None: all); the tab
-    hides it for the others.
+    hides it for the others. ``requires``: other choice settings and the values of theirs it applies to (e.g. the
+    LoKr factor: ``{"lora_type": ("lokr",)}``); the tab hides it for other values.
     """
+    needs = tuple((name, tuple(values)) for name, values in requires.items()) if requires else None
     meta = {"label": label, "help": help, "group": group, "min": minimum, "max": maximum, "choices": choices,
-            "ui": ui, "methods": methods, "optimizers": optimizers}
+            "ui": ui, "methods": methods, "optimizers": optimizers, "requires": needs}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -151,6 +156,12 @@ class TrainConfig:
                                      methods=("textual_inversion",))
     embedding_init_word: str = setting("*", "Initialization text", "Start from this word's embedding ('*' or empty: "
                                        "small random values).", "embedding", methods=("textual_inversion",))
+    lora_type: str = setting("lora", "LoRA type",
+                             "lora: low-rank adapters (LoCon with a conv rank), the plain kohya format; loha: the "
+                             "Hadamard product of two low-rank pairs (LyCORIS LoHa), rank squared at twice the size; "
+                             "lokr: a Kronecker product (LyCORIS LoKr), tiny files; dora: LoRA with weight "
+                             "decomposition (a trained magnitude per input channel). The WebUI's Lora folder, ComfyUI "
+                             "and LyCORIS load all four.", "lora", choices=LORA_TYPES, methods=("lora",))
     lora_rank: int = setting(16, "LoRA rank (network dim)", "Size of the LoRA; larger learns more, files get bigger.",
                              "lora", minimum=1, maximum=1024, methods=("lora",))
     lora_alpha: float = setting(8.0, "LoRA alpha",
@@ -158,10 +169,20 @@ class TrainConfig:
                                 minimum=0.0, maximum=1024.0, methods=("lora",))
     lora_dropout: float = setting(0.0, "LoRA dropout", "Dropout on the LoRA path while training.", "lora",
                                   minimum=0.0, maximum=1.0, methods=("lora",))
-    lora_conv_rank: int = setting(0, "LoCon rank", "Also adapt the 3x3 convolutions with this rank (0 is off).",
+    lora_conv_rank: int = setting(0, "Conv rank (LoCon)", "Also adapt the 3x3 convolutions (ResNet blocks, down- and "
+                                  "upsamplers) with this rank, in the LoRA type chosen (0 is off).",
                                   "lora", minimum=0, maximum=1024, methods=("lora",))
-    lora_conv_alpha: float = setting(1.0, "LoCon alpha", "Scale of the convolution LoRA: conv alpha / conv rank.",
+    lora_conv_alpha: float = setting(1.0, "Conv alpha", "Scale of the convolution adapters: conv alpha / conv rank.",
                                      "lora", minimum=0.0, maximum=1024.0, methods=("lora",))
+    lora_lokr_factor: int = setting(-1, "LoKr factor",
+                                    "How each side of a layer splits into the two Kronecker factors: -1 as evenly as "
+                                    "possible; a number makes the small factor at most that size (LyCORIS 'factor').",
+                                    "lora", minimum=-1, maximum=1024, methods=("lora",),
+                                    requires={"lora_type": ("lokr",)})
+    lora_lokr_decompose_both: bool = setting(False, "LoKr: factorise both",
+                                             "Also store the small Kronecker factor as a low-rank pair when the rank "
+                                             "is below half its size (LyCORIS 'decompose_both').", "lora",
+                                             methods=("lora",), requires={"lora_type": ("lokr",)})
     lora_merge_export: bool = setting(False, "Also export a merged checkpoint",
                                       "At each save, also write a full checkpoint with the LoRA merged into the "
                                       "model's weights to the checkpoint folder (needs 'Export a checkpoint at each "
@@ -367,11 +388,15 @@ class FieldSpec:
     ui: bool
     methods: tuple[str, ...] | None = None  # the training methods it applies to; None: all
     optimizers: tuple[str, ...] | None = None  # the optimizers that read it; None: all
+    requires: tuple[tuple[str, tuple[str, ...]], ...] | None = None  # (setting, its values it applies to); None: any
 
-    def applies(self, method: str, optimizer: str | None = None) -> bool:
-        """Whether the setting has an effect with this training method and optimizer (None: any optimizer)."""
+    def applies(self, method: str, optimizer: str | None = None, values: Mapping[str, Any] | None = None) -> bool:
+        """Whether the setting has an effect with this training method and optimizer (None: any optimizer) and the
+        other settings' ``values`` (name -> value; a name not given: any value)."""
         return ((self.methods is None or method in self.methods)
-                and (optimizer is None or self.optimizers is None or optimizer in self.optimizers))
+                and (optimizer is None or self.optimizers is None or optimizer in self.optimizers)
+                and all(name not in (values or {}) or (values or {})[name] in allowed
+                        for name, allowed in self.requires or ()))
 
 
 def field_specs(cls: type = TrainConfig) -> list[FieldSpec]:
@@ -384,7 +409,7 @@ def field_specs(cls: type = TrainConfig) -> list[FieldSpec]:
         m = f.metadata
         choices = tuple(m["choices"]) if m["choices"] is not None else None  # METHODS grows when one registers
         specs.append(FieldSpec(f.name, types[f.name], f.default, m["label"], m["help"], m["group"], m["min"],
-                               m["max"], choices, m["ui"], m.get("methods"), m.get("optimizers")))
+                               m["max"], choices, m["ui"], m.get("methods"), m.get("optimizers"), m.get("requires")))
     return specs
 
 
