@@ -55,8 +55,7 @@ HYPERNETWORK_ACTIVATIONS = ("linear", "relu", "leakyrelu", "elu", "swish", "tanh
                             "softplus", "selu", "celu", "relu6", "hardswish", "hardtanh", "hardsigmoid", "softsign",
                             "tanhshrink", "logsigmoid")
 WEIGHT_PRECISIONS = ("fp32", "bf16_master", "bf16_stochastic")
-# the LoRA method's adapter types (train/adapters.py: one class each, in the WebUI's key layout for that type)
-LORA_TYPES = ("lora", "loha", "lokr", "dora")
+LORA_TYPES = ("lora", "loha", "lokr", "dora")  # the LoRA method's adapter types (train/adapters.py)
 # the optimizers that read the betas / epsilon (train/optimizers.py; a test checks): Adafactor keeps no first moment
 # and its own epsilon pair, Lion has no epsilon. The others ignore these settings, so the tab hides them.
 BETAS_OPTIMIZERS = ("adamw", "adamw_8bit", "lion", "dadaptation", "prodigy")
@@ -66,16 +65,12 @@ EPSILON_OPTIMIZERS = ("adamw", "adamw_8bit", "dadaptation", "prodigy")
 def setting(default: Any, label: str, help: str, group: str, *, minimum: float | None = None,
             maximum: float | None = None, choices: Collection[str] | None = None, ui: bool = True,
             methods: tuple[str, ...] | None = None, optimizers: tuple[str, ...] | None = None,
-            requires: Mapping[str, tuple[str, ...]] | None = None) -> Any:
-    """A dataclass field with the metadata the UI, CLI and API are generated from.
-
-    ``methods`` / ``optimizers``: the training methods / optimizers the setting applies to (None: all); the tab
-    hides it for the others. ``requires``: other choice settings and the values of theirs it applies to (e.g. the
-    LoKr factor: ``{"lora_type": ("lokr",)}``); the tab hides it for other values.
-    """
-    needs = tuple((name, tuple(values)) for name, values in requires.items()) if requires else None
+            requires: tuple[str, tuple[str, ...]] | None = None) -> Any:
+    """A dataclass field with the metadata the UI, CLI and API are generated from. ``methods`` / ``optimizers``:
+    the training methods / optimizers it applies to (None: all); ``requires``: (another setting, the values of it it
+    applies to), e.g. LoKr's to lora_type lokr. The tab hides a setting where it does not apply."""
     meta = {"label": label, "help": help, "group": group, "min": minimum, "max": maximum, "choices": choices,
-            "ui": ui, "methods": methods, "optimizers": optimizers, "requires": needs}
+            "ui": ui, "methods": methods, "optimizers": optimizers, "requires": requires}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -156,12 +151,10 @@ class TrainConfig:
                                      methods=("textual_inversion",))
     embedding_init_word: str = setting("*", "Initialization text", "Start from this word's embedding ('*' or empty: "
                                        "small random values).", "embedding", methods=("textual_inversion",))
-    lora_type: str = setting("lora", "LoRA type",
-                             "lora: low-rank adapters (LoCon with a conv rank), the plain kohya format; loha: the "
-                             "Hadamard product of two low-rank pairs (LyCORIS LoHa), rank squared at twice the size; "
-                             "lokr: a Kronecker product (LyCORIS LoKr), tiny files; dora: LoRA with weight "
-                             "decomposition (a trained magnitude per input channel). The WebUI's Lora folder, ComfyUI "
-                             "and LyCORIS load all four.", "lora", choices=LORA_TYPES, methods=("lora",))
+    lora_type: str = setting("lora", "LoRA type", "lora: low-rank (LoCon with a conv rank); loha: Hadamard product of "
+                             "two low-rank pairs; lokr: Kronecker product, tiny files; dora: LoRA with a trained "
+                             "magnitude per input channel. The WebUI, ComfyUI and LyCORIS load all four.", "lora",
+                             choices=LORA_TYPES, methods=("lora",))
     lora_rank: int = setting(16, "LoRA rank (network dim)", "Size of the LoRA; larger learns more, files get bigger.",
                              "lora", minimum=1, maximum=1024, methods=("lora",))
     lora_alpha: float = setting(8.0, "LoRA alpha",
@@ -169,20 +162,16 @@ class TrainConfig:
                                 minimum=0.0, maximum=1024.0, methods=("lora",))
     lora_dropout: float = setting(0.0, "LoRA dropout", "Dropout on the LoRA path while training.", "lora",
                                   minimum=0.0, maximum=1.0, methods=("lora",))
-    lora_conv_rank: int = setting(0, "Conv rank (LoCon)", "Also adapt the 3x3 convolutions (ResNet blocks, down- and "
-                                  "upsamplers) with this rank, in the LoRA type chosen (0 is off).",
+    lora_conv_rank: int = setting(0, "Conv rank (LoCon)", "Also adapt the 3x3 convolutions with this rank (0 is off).",
                                   "lora", minimum=0, maximum=1024, methods=("lora",))
     lora_conv_alpha: float = setting(1.0, "Conv alpha", "Scale of the convolution adapters: conv alpha / conv rank.",
                                      "lora", minimum=0.0, maximum=1024.0, methods=("lora",))
-    lora_lokr_factor: int = setting(-1, "LoKr factor",
-                                    "How each side of a layer splits into the two Kronecker factors: -1 as evenly as "
-                                    "possible; a number makes the small factor at most that size (LyCORIS 'factor').",
-                                    "lora", minimum=-1, maximum=1024, methods=("lora",),
-                                    requires={"lora_type": ("lokr",)})
-    lora_lokr_decompose_both: bool = setting(False, "LoKr: factorise both",
-                                             "Also store the small Kronecker factor as a low-rank pair when the rank "
-                                             "is below half its size (LyCORIS 'decompose_both').", "lora",
-                                             methods=("lora",), requires={"lora_type": ("lokr",)})
+    lora_lokr_factor: int = setting(-1, "LoKr factor", "Size limit of the small Kronecker factor of each side (LyCORIS "
+                                    "'factor'); -1 splits as evenly as possible.", "lora", minimum=-1, maximum=1024,
+                                    methods=("lora",), requires=("lora_type", ("lokr",)))
+    lora_lokr_decompose_both: bool = setting(False, "LoKr: factorise both", "The small Kronecker factor low-rank too "
+                                             "(LyCORIS 'decompose_both').", "lora", methods=("lora",),
+                                             requires=("lora_type", ("lokr",)))
     lora_merge_export: bool = setting(False, "Also export a merged checkpoint",
                                       "At each save, also write a full checkpoint with the LoRA merged into the "
                                       "model's weights to the checkpoint folder (needs 'Export a checkpoint at each "
@@ -388,15 +377,14 @@ class FieldSpec:
     ui: bool
     methods: tuple[str, ...] | None = None  # the training methods it applies to; None: all
     optimizers: tuple[str, ...] | None = None  # the optimizers that read it; None: all
-    requires: tuple[tuple[str, tuple[str, ...]], ...] | None = None  # (setting, its values it applies to); None: any
+    requires: tuple[str, tuple[str, ...]] | None = None  # (another setting, its values it applies to); None: any
 
     def applies(self, method: str, optimizer: str | None = None, values: Mapping[str, Any] | None = None) -> bool:
-        """Whether the setting has an effect with this training method and optimizer (None: any optimizer) and the
-        other settings' ``values`` (name -> value; a name not given: any value)."""
+        """Whether the setting has an effect with this method, optimizer and other ``values`` (None / absent: any)."""
         return ((self.methods is None or method in self.methods)
                 and (optimizer is None or self.optimizers is None or optimizer in self.optimizers)
-                and all(name not in (values or {}) or (values or {})[name] in allowed
-                        for name, allowed in self.requires or ()))
+                and (self.requires is None or (values or {}).get(self.requires[0], self.requires[1][0])
+                     in self.requires[1]))
 
 
 def field_specs(cls: type = TrainConfig) -> list[FieldSpec]:

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_api import Host, make_client
 from test_lora import (
     EXPECTED_MODULES,
     _equal,
@@ -35,6 +36,7 @@ from dreambooth.families import SD1, SD2, SD2V, SDXL
 from dreambooth.families.layout import split_ldm
 from dreambooth.train.adapters import LokrModule, Shared, column_norms, factorization
 from dreambooth.train.lora import LoraNetwork, LoraSettings, lora_metadata, save_lora
+from dreambooth.ui.form import config_controls, shown_for_method
 
 NEW_TYPES = ("loha", "lokr", "dora")
 
@@ -361,3 +363,18 @@ def test_settings_are_checked():
     for bad in ({"type": "oft"}, {"type": "lokr", "lokr_factor": 0}, {"lokr_factor": -2}, {"lokr_factor": 2.0}):
         with pytest.raises(UserError):
             LoraSettings(**bad)
+
+
+def test_lokr_settings_show_for_lokr_only(tmp_path):
+    """The tab and the API schema say the LoKr settings apply to LoRA type lokr (``requires``), the type to LoRA."""
+    controls = config_controls()
+    index = {c.spec.name: i for i, c in enumerate(controls)}
+    for kind in LORA_TYPES:
+        visible = shown_for_method("lora", controls, "adamw", {"lora_type": kind})
+        assert visible[index["lora_lokr_factor"]] == visible[index["lora_lokr_decompose_both"]] == (kind == "lokr")
+        assert visible[index["lora_type"]] and visible[index["lora_rank"]]
+    assert not shown_for_method("dreambooth", controls, "adamw", {"lora_type": "lokr"})[index["lora_lokr_factor"]]
+    fields = {f["name"]: f for f in make_client(Host(tmp_path)).get("/dreambooth/schema").json()["config"]}
+    assert fields["lora_lokr_factor"]["requires"] == fields["lora_lokr_decompose_both"]["requires"] == {
+        "lora_type": ["lokr"]}
+    assert fields["lora_type"]["choices"] == list(LORA_TYPES) and fields["lora_type"]["requires"] is None

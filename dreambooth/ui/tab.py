@@ -209,7 +209,7 @@ def build_tab(host: Host) -> Any:
         def depends(control: Control) -> bool:
             return any(x is not None for x in (control.spec.methods, control.spec.optimizers, control.spec.requires))
 
-        required = sorted({name for c in config_controls for name, _ in c.spec.requires or ()})
+        required = sorted({c.spec.requires[0] for c in config_controls if c.spec.requires})
 
         dependent = [c for c in config_controls if depends(c)]
         dependent_groups = [(accordion, controls) for accordion, controls in groups.values()
