@@ -66,8 +66,8 @@ def test_tiny_run_exports_what_the_webui_loads_and_learns(tmp_path, tiny_checkpo
     assert meta["ss_network_module"] == "lycoris.kohya"
     assert json.loads(meta["ss_network_args"])["algo"] == {"dora": "lora"}.get(kind, kind)
 
-    # the WebUI's formula on the file's tensors == our adapter's weight change (the file's values, and the trained
-    # fp32 values up to the fp16 rounding of the export)
+    # the WebUI's formula on the file's tensors == our adapter's weight change (exactly for the file's values; for the
+    # trained fp32 values up to the fp16 rounding of the export)
     models = load_models(md.working, SD1)
     network = LoraNetwork(models, dataclasses.replace(trained.settings), SD1)
     layers = network.adapted_layers()
@@ -79,7 +79,8 @@ def test_tiny_run_exports_what_the_webui_loads_and_learns(tmp_path, tiny_checkpo
         ours = network.lora_modules[name].delta_weight(layer.weight).float()
         torch.testing.assert_close(theirs[name], ours, rtol=1e-4, atol=1e-6 * base.abs().max().item())
         fp32 = trained.lora_modules[name].delta_weight(layer.weight).float()
-        assert (theirs[name] - fp32).norm() <= 1e-2 * fp32.norm() + 1e-6 * base.norm(), name
+        # the file is fp16: a factor rounds by ~5e-4 of its size, and DoRA's magnitude is the size of the weight
+        assert (theirs[name] - fp32).norm() <= 1e-2 * fp32.norm() + 2e-3 * base.norm(), name
     wrapped_loss = evaluation_loss(models, images, PROMPT, 64)
     network.remove()
 
