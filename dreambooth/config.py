@@ -14,7 +14,7 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ HYPERNETWORK_ACTIVATIONS = ("linear", "relu", "leakyrelu", "elu", "swish", "tanh
                             "softplus", "selu", "celu", "relu6", "hardswish", "hardtanh", "hardsigmoid", "softsign",
                             "tanhshrink", "logsigmoid")
 WEIGHT_PRECISIONS = ("fp32", "bf16_master", "bf16_stochastic")
+LORA_TYPES = ("lora", "loha", "lokr", "dora")  # the LoRA method's adapter types (train/adapters.py)
 # the optimizers that read the betas / epsilon (train/optimizers.py; a test checks): Adafactor keeps no first moment
 # and its own epsilon pair, Lion has no epsilon. The others ignore these settings, so the tab hides them.
 BETAS_OPTIMIZERS = ("adamw", "adamw_8bit", "lion", "dadaptation", "prodigy")
@@ -65,15 +66,18 @@ EPSILON_OPTIMIZERS = ("adamw", "adamw_8bit", "dadaptation", "prodigy")
 def setting(default: Any, label: str, help: str, group: str, *, minimum: float | None = None,
             maximum: float | None = None, choices: Collection[str] | None = None, ui: bool = True,
             methods: tuple[str, ...] | None = None, optimizers: tuple[str, ...] | None = None,
-            kind: str | None = None, check: Callable[[Any], str | None] | None = None) -> Any:
+            kind: str | None = None, check: Callable[[Any], str | None] | None = None,
+            requires: tuple[str, tuple[str, ...]] | None = None) -> Any:
     """A dataclass field with the metadata the UI, CLI and API are generated from.
 
-    ``methods`` / ``optimizers``: the training methods / optimizers the setting applies to (None: all); the tab
-    hides it for the others. ``kind``: the tab's control where the type does not say it (``"gpus"``: this
+    ``methods`` / ``optimizers``: the training methods / optimizers the setting applies to (None: all);
+    ``requires``: (another setting, the values of it it applies to), e.g. LoKr's to lora_type lokr. The tab hides a
+    setting where it does not apply. ``kind``: the tab's control where the type does not say it (``"gpus"``: this
     machine's GPUs); ``check``: what is wrong with a value of the right type, or None.
     """
     meta = {"label": label, "help": help, "group": group, "min": minimum, "max": maximum, "choices": choices,
-            "ui": ui, "methods": methods, "optimizers": optimizers, "kind": kind, "check": check}
+            "ui": ui, "methods": methods, "optimizers": optimizers, "kind": kind, "check": check,
+            "requires": requires}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -154,6 +158,10 @@ class TrainConfig:
                                      methods=("textual_inversion",))
     embedding_init_word: str = setting("*", "Initialization text", "Start from this word's embedding ('*' or empty: "
                                        "small random values).", "embedding", methods=("textual_inversion",))
+    lora_type: str = setting("lora", "LoRA type", "lora: low-rank (LoCon with a conv rank); loha: Hadamard product of "
+                             "two low-rank pairs; lokr: Kronecker product, tiny files; dora: LoRA with a trained "
+                             "magnitude per input channel. The WebUI, ComfyUI and LyCORIS load all four.", "lora",
+                             choices=LORA_TYPES, methods=("lora",))
     lora_rank: int = setting(16, "LoRA rank (network dim)", "Size of the LoRA; larger learns more, files get bigger.",
                              "lora", minimum=1, maximum=1024, methods=("lora",))
     lora_alpha: float = setting(8.0, "LoRA alpha",
@@ -161,10 +169,16 @@ class TrainConfig:
                                 minimum=0.0, maximum=1024.0, methods=("lora",))
     lora_dropout: float = setting(0.0, "LoRA dropout", "Dropout on the LoRA path while training.", "lora",
                                   minimum=0.0, maximum=1.0, methods=("lora",))
-    lora_conv_rank: int = setting(0, "LoCon rank", "Also adapt the 3x3 convolutions with this rank (0 is off).",
+    lora_conv_rank: int = setting(0, "Conv rank (LoCon)", "Also adapt the 3x3 convolutions with this rank (0 is off).",
                                   "lora", minimum=0, maximum=1024, methods=("lora",))
-    lora_conv_alpha: float = setting(1.0, "LoCon alpha", "Scale of the convolution LoRA: conv alpha / conv rank.",
+    lora_conv_alpha: float = setting(1.0, "Conv alpha", "Scale of the convolution adapters: conv alpha / conv rank.",
                                      "lora", minimum=0.0, maximum=1024.0, methods=("lora",))
+    lora_lokr_factor: int = setting(-1, "LoKr factor", "Size limit of the small Kronecker factor of each side (LyCORIS "
+                                    "'factor'); -1 splits as evenly as possible.", "lora", minimum=-1, maximum=1024,
+                                    methods=("lora",), requires=("lora_type", ("lokr",)))
+    lora_lokr_decompose_both: bool = setting(False, "LoKr: factorise both", "The small Kronecker factor low-rank too "
+                                             "(LyCORIS 'decompose_both').", "lora", methods=("lora",),
+                                             requires=("lora_type", ("lokr",)))
     lora_merge_export: bool = setting(False, "Also export a merged checkpoint",
                                       "At each save, also write a full checkpoint with the LoRA merged into the "
                                       "model's weights to the checkpoint folder (needs 'Export a checkpoint at each "
@@ -376,11 +390,14 @@ class FieldSpec:
     optimizers: tuple[str, ...] | None = None  # the optimizers that read it; None: all
     kind: str | None = None  # the tab's control where the type does not say it (see ``setting``)
     check: Callable[[Any], str | None] | None = None  # what is wrong with a value of the right type
+    requires: tuple[str, tuple[str, ...]] | None = None  # (another setting, its values it applies to); None: any
 
-    def applies(self, method: str, optimizer: str | None = None) -> bool:
-        """Whether the setting has an effect with this training method and optimizer (None: any optimizer)."""
+    def applies(self, method: str, optimizer: str | None = None, values: Mapping[str, Any] | None = None) -> bool:
+        """Whether the setting has an effect with this method, optimizer and other ``values`` (None / absent: any)."""
         return ((self.methods is None or method in self.methods)
-                and (optimizer is None or self.optimizers is None or optimizer in self.optimizers))
+                and (optimizer is None or self.optimizers is None or optimizer in self.optimizers)
+                and (self.requires is None or (values or {}).get(self.requires[0], self.requires[1][0])
+                     in self.requires[1]))
 
 
 def field_specs(cls: type = TrainConfig) -> list[FieldSpec]:
@@ -394,7 +411,7 @@ def field_specs(cls: type = TrainConfig) -> list[FieldSpec]:
         choices = tuple(m["choices"]) if m["choices"] is not None else None  # METHODS grows when one registers
         specs.append(FieldSpec(f.name, types[f.name], f.default, m["label"], m["help"], m["group"], m["min"],
                                m["max"], choices, m["ui"], m.get("methods"), m.get("optimizers"), m.get("kind"),
-                               m.get("check")))
+                               m.get("check"), m.get("requires")))
     return specs
 
 

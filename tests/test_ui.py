@@ -575,12 +575,15 @@ def test_settings_of_other_methods_are_hidden():
 def test_changing_the_optimizer_hides_the_settings_it_ignores(built):
     demo, _, components = built
     wired = [f for f in compat.event_functions(demo) if getattr(f, "__name__", "") == "show_for"]
-    assert len(wired) == 2  # run when the method changes and when the optimizer changes
+    assert len(wired) == 3  # run when the method, the optimizer or the LoRA type changes
 
-    def hidden(method: str, optimizer: str) -> int:
-        return sum(1 for update in wired[0](method, optimizer) if update.get("visible") is False)
+    def hidden(method: str, optimizer: str, lora_type: str = "lora") -> int:
+        return sum(1 for update in wired[0](method, optimizer, lora_type) if update.get("visible") is False)
 
     assert hidden("dreambooth", "adafactor") == hidden("dreambooth", "adamw") + 3  # both betas and the epsilon
     assert hidden("dreambooth", "lion") == hidden("dreambooth", "adamw") + 1  # the epsilon
     assert hidden("lora", "adafactor") == hidden("lora", "adamw") + 3
     assert components["dbt_adam_epsilon"].visible  # the default optimizer (AdamW) reads it
+    # the LoKr factor and 'factorise both' show for LoRA type lokr only
+    assert hidden("lora", "adamw", "lokr") == hidden("lora", "adamw", "loha") - 2 == hidden("lora", "adamw") - 2
+    assert not components["dbt_lora_lokr_factor"].visible  # the default type is plain LoRA

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,10 +183,12 @@ class StepEstimate:
     text: str
 
 
-def shown_for_method(method: str, controls: list[Control], optimizer: str | None = None) -> list[bool]:
+def shown_for_method(method: str, controls: list[Control], optimizer: str | None = None,
+                     values: Mapping[str, Any] | None = None) -> list[bool]:
     """Which of ``controls`` apply to the training method and optimizer (the rest are hidden, e.g. LoRA rank for
-    DreamBooth, Adam's betas for Adafactor); ``optimizer`` None: any."""
-    return [control.spec.applies(method, optimizer) for control in controls]
+    DreamBooth, Adam's betas for Adafactor); ``optimizer`` None: any; ``values``: the settings others require
+    (``FieldSpec.requires``: the LoKr factor shows for LoRA type lokr), a name not given: any value."""
+    return [control.spec.applies(method, optimizer, values) for control in controls]
 
 
 def estimate_steps(concepts: list[Concept], epochs: int, batch_size: int, grad_accum: int,

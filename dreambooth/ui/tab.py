@@ -8,6 +8,7 @@ a run is active. gradio is reached only through ``compat``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from typing import Any
@@ -74,7 +75,7 @@ def build_tab(host: Host) -> Any:
     default = TrainConfig()  # the form starts with the defaults: their method's and optimizer's settings show
 
     def shown(controls: list[Control]) -> list[bool]:
-        return shown_for_method(default.method, controls, default.optimizer)
+        return shown_for_method(default.method, controls, default.optimizer, dataclasses.asdict(default))
 
     def render(controls: list[Control]) -> None:
         for control, visible in zip(controls, shown(controls), strict=True):
@@ -208,20 +209,24 @@ def build_tab(host: Host) -> Any:
         compat.on(poll.click, guard(len(poll_outputs))(handlers.poll), [model, seen], poll_outputs, queue=False,
                   show_progress="hidden")
 
-        # settings that do not apply to the chosen training method or optimizer are hidden, whole groups too
+        # settings that do not apply to the chosen training method, optimizer or other choices (FieldSpec.requires:
+        # the LoKr settings to LoRA type lokr) are hidden, whole groups too
         def depends(control: Control) -> bool:
-            return control.spec.methods is not None or control.spec.optimizers is not None
+            return any(x is not None for x in (control.spec.methods, control.spec.optimizers, control.spec.requires))
+
+        required = sorted({c.spec.requires[0] for c in config_controls if c.spec.requires})
 
         dependent = [c for c in config_controls if depends(c)]
         dependent_groups = [(accordion, controls) for accordion, controls in groups.values()
                             if all(depends(c) for c in controls)]
 
-        def show_for(method: str, optimizer: str) -> list[Any]:
-            updates = [compat.update(visible=v) for v in shown_for_method(method, dependent, optimizer)]
-            return updates + [compat.update(visible=any(shown_for_method(method, cs, optimizer)))
+        def show_for(method: str, optimizer: str, *others: Any) -> list[Any]:
+            values = dict(zip(required, others, strict=True))
+            updates = [compat.update(visible=v) for v in shown_for_method(method, dependent, optimizer, values)]
+            return updates + [compat.update(visible=any(shown_for_method(method, cs, optimizer, values)))
                               for _, cs in dependent_groups]
 
-        choice = [made["dbt_method"], made["dbt_optimizer"]]
+        choice = [made["dbt_method"], made["dbt_optimizer"], *(made[f"dbt_{name}"] for name in required)]
         for trigger in choice:
             compat.on(trigger.change, show_for, choice,
                       [made[c.elem_id] for c in dependent] + [a for a, _ in dependent_groups], queue=False)
