@@ -11,8 +11,12 @@ trainer's UNet with gradient checkpointing continues as it was.
 Every image is written atomically as a PNG carrying the WebUI's infotext in its ``parameters`` text chunk (so the
 WebUI's *PNG Info* tab reads it) plus a ``dreambooth`` chunk with the request as JSON.
 
-Images are decoded with autocast off, in the VAE's own dtype: an fp32 VAE decodes in fp32 even when sampling runs
-under fp16 autocast (the SDXL VAE overflows in fp16: black or NaN images; the WebUI's ``--no-half-vae``).
+Images are decoded with autocast off, never in fp16: an fp32 VAE decodes in fp32 even when sampling runs under fp16
+autocast, and an fp16 VAE is upcast to fp32 for the decode (the SDXL VAE overflows in fp16: black or NaN images; the
+WebUI's ``--no-half-vae``). A bf16 VAE (bf16 weight precision) decodes in bf16: bf16 has fp32's exponent range, so
+it cannot overflow where fp16 does (ComfyUI decodes in bf16 by default for that reason), and upcasting it would add
+its fp32 weights and double the decoder's activation memory during previews, exactly in the runs that chose bf16
+weights to save memory. (Offloading moves the VAE between devices and never changes its dtype.)
 
 Seeds: ``seed = -1`` draws a random seed; every image returned by :func:`generate` carries the seed it was really
 made with in ``image.info["seed"]`` (an int), which :func:`save_sample` writes in place of -1.
@@ -219,12 +223,27 @@ def _autocast(modules: list[torch.nn.Module], device: torch.device, dtype: torch
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def _decoding_dtype(vae: torch.nn.Module) -> Iterator[torch.dtype]:
+    """The dtype the VAE decodes in (see the module docstring): an fp16 VAE is upcast to fp32 for the block and cast
+    back after (exact: every value came from fp16); fp32 and bf16 stay as they are."""
+    dtype = next(vae.parameters()).dtype
+    if dtype is not torch.float16:
+        yield dtype
+        return
+    vae.to(torch.float32)
+    try:
+        yield torch.float32
+    finally:
+        vae.to(dtype)
+
+
 def _decode(pipeline: Any, latents: torch.Tensor) -> list[Image.Image]:
-    """The pipeline's latents as images: autocast off, in the VAE's own dtype (see the module docstring)."""
+    """The pipeline's latents as images: autocast off, in fp32 or bf16 (see the module docstring)."""
     vae = pipeline.vae
     config = vae.config
     mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-    with torch.autocast(latents.device.type, enabled=False):
+    with torch.autocast(latents.device.type, enabled=False), _decoding_dtype(vae) as dtype:
         latents = latents.float()
         if mean is not None and std is not None:  # SDXL-style configs that normalise their latents
             shape = (1, len(mean), 1, 1)
@@ -232,7 +251,7 @@ def _decode(pipeline: Any, latents: torch.Tensor) -> list[Image.Image]:
                 + torch.tensor(mean, device=latents.device).view(shape)
         else:
             latents = latents / config.scaling_factor
-        pixels = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        pixels = vae.decode(latents.to(dtype), return_dict=False)[0]
     return pipeline.image_processor.postprocess(pixels.float(), output_type="pil")
 
 
