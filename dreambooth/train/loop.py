@@ -367,10 +367,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ events
     def _save_point(self) -> SavePoint:
-        captions: dict[str, list[str]] = {}
-        for ex in self.data.all_examples():
-            captions.setdefault(ex.image.parent.name, []).append(ex.caption)
-        return SavePoint(self.step, self.base_revision + self.step, self.epoch, captions)
+        return SavePoint(self.step, self.base_revision + self.step, self.epoch, self.data.tag_prompts())
 
     def _trained_weights(self) -> Weights:
         with self.precision.full_precision():  # bf16 weights are saved from their fp32 values (masters)
