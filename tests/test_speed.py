@@ -81,6 +81,46 @@ def test_shuffled_tags_get_one_entry_per_distinct_prompt(tmp_path, sd1):
     assert trainer.text_cache.encodes == len(trainer.text_cache)
 
 
+def test_the_text_cache_stays_in_bounded_ram_with_shuffled_tags_and_hits_skip_the_encoder(tmp_path, sd1):
+    """Shuffled tags make a new prompt nearly every step: the cache keeps nothing on the training device (``meta``
+    stands in for a GPU here: a tensor kept there would show) and at most ``max_bytes`` in RAM, least recently used
+    dropped first; a prompt it holds is never encoded again."""
+    import random
+
+    from dreambooth.data.captions import shuffle_tags
+    from dreambooth.data.prompts import tokenize_prompts
+    from dreambooth.train.models import load_models
+
+    md = make_training_model(tmp_path, sd1)
+    models = load_models(md.working, "sd1")
+
+    def ids(prompt: str) -> list[torch.Tensor]:
+        return [tokenize_prompts(t, [prompt], "truncate")[0] for t in models.tokenizers]
+
+    row = 77 * models.text_encoders[0].config.hidden_size * 4  # one fp32 prompt
+    cache = caches_module.TextEmbeddingCache(models, 1, None, torch.device("meta"))
+    cache.max_bytes = 3 * row  # the limit, made small (the default holds thousands of prompts)
+    rng = random.Random(0)
+    prompts = {shuffle_tags("zwx disc, red, round, shiny, small, flat, old", 1, rng) for _ in range(40)}
+    assert len(prompts) > 10
+    for prompt in sorted(prompts):
+        hidden, _ = cache.get(ids(prompt))
+        assert hidden.device.type == "meta" and hidden.shape[0] == 1  # what the step gets: on its device
+    assert len(cache) == 3 and cache.nbytes == 3 * row and cache.dropped == len(prompts) - 3
+    assert all(t.device.type == "cpu" for entry in cache.entries.values() for t in entry if t is not None)
+    newest = sorted(prompts)[-1]
+    encodes = cache.encodes
+    cache.get(ids(newest))
+    assert cache.encodes == encodes  # a hit: the text encoder is not run
+    cache.get(ids(sorted(prompts)[0]))  # dropped long ago: encoded again
+    assert cache.encodes == encodes + 1 and len(cache) == 3
+    # what a hit returns is what encoding gives
+    fresh = caches_module.TextEmbeddingCache(models, 1, None, torch.device("cpu"))
+    first, _ = fresh.get(ids(newest))
+    again, _ = fresh.get(ids(newest))
+    assert fresh.encodes == 1 and torch.equal(first, again)
+
+
 def test_the_text_encoder_is_not_cached_while_it_trains(tmp_path, sd1):
     trainer, _ = train(tmp_path, sd1, "te", cache_text_embeddings=True, text_encoder_ratio=0.5)
     # 4 steps, the first 2 train the text encoder (no cache), the last 2 reuse the frozen encoder's one prompt
