@@ -510,7 +510,7 @@ def generate_class_images(pipeline: Any, concept: Concept, class_dir: Path, need
 @dataclass(frozen=True)
 class SampleSettings:
     """Every setting that changes how the extension samples, from the config (the attention is set on the models
-    when they are loaded: the trainer's setup, :func:`sample_now`)."""
+    when they are loaded: the trainer's setup, :func:`sample_job.sample_now`)."""
 
     scheduler: str = "dpmpp_2m"
     clip_skip: int = 1  # as training encodes the prompts
@@ -583,31 +583,3 @@ def fill_class_folders(concepts: list[Concept], folders: list[Path], sampler: Ca
             fault_point("class")  # test hook: a batch of class images written
 
         made.class_images(concept, folder, needed, size, seed, progress)
-
-
-def sample_now(model: Any, cfg: TrainConfig, device: str | None, attention_default: str = "sdp") -> list[Path]:
-    """Previews of ``model``'s working weights for each concept of ``cfg``, as the trainer makes them (same
-    settings, attention and precision), named ``now_step<steps>_<tag>_c<concept>_<n>.png``."""
-    from .config import resolve_concepts
-    from .train.models import load_models, set_attention
-    from .train.options import attention_for, autocast_dtype, pick_device
-
-    concepts = resolve_concepts(cfg)
-    models = load_models(model.working, cfg.family)
-    dev = pick_device(device)
-    set_attention(models, attention_for(cfg.attention, attention_default))
-    for module in (models.unet, models.vae, *models.text_encoders):
-        module.to(dev)
-    settings = SampleSettings.from_config(cfg, autocast_dtype(cfg.mixed_precision, dev))
-    tag = secrets.token_hex(3)
-    sampler: Sampler | None = None
-    try:
-        sampler = Sampler(models, dev, settings)
-        return sampler.previews(concepts, cfg.resolution or models.family.resolution, model.samples,
-                                lambda c, n: f"now_step{cfg.revision:06d}_{tag}_c{c}_{n}",
-                                {"step": str(cfg.revision), "epoch": str(cfg.epochs_trained), "model": model.name,
-                                 "kind": "manual"})
-    finally:
-        del sampler, models  # the weights go before the cache is emptied
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()

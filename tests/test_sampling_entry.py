@@ -14,7 +14,8 @@ from PIL import Image
 from dreambooth import sample as sample_module
 from dreambooth.config import Concept, load_config
 from dreambooth.create import create_model
-from dreambooth.sample import Sampler, SampleSettings, sample_now
+from dreambooth.sample import Sampler, SampleSettings
+from dreambooth.sample_job import sample_now
 from dreambooth.train import models as models_module
 from dreambooth.train.loop import RunOptions, Trainer
 from dreambooth.train.models import load_models
@@ -173,12 +174,14 @@ def test_generate_now_samples_with_the_configs_attention_and_precision(tmp_path,
     monkeypatch.setattr(models_module, "set_attention", lambda m, mode: attention.append(mode) or
                         real_attention(m, mode))
     monkeypatch.setattr(sample_module, "generate_images", lambda p, req, seeds, device=None, autocast=None:
-                        calls.append((req.clip_skip, autocast)) or real_generate(p, req, seeds, device, autocast))
+                        calls.append((req.clip_skip, autocast, {m.dtype for m in (p.unet, p.vae, p.text_encoder)}))
+                        or real_generate(p, req, seeds, device, autocast))
     md = make_training_model(tmp_path, tiny_checkpoint("sd1"), clip_skip=2, mixed_precision="bf16",
                              attention="default")
     written = sample_now(md, load_config(md.path), "cpu", attention_default="sdp")
     assert [p.name.startswith("now_step000000_") for p in written] == [True]
-    assert attention == ["default"] and calls == [(2, torch.bfloat16)]
+    # bf16 mixed precision: the weights are held in bf16 too (sampling needs no fp32 masters: half the memory)
+    assert attention == ["default"] and calls == [(2, torch.bfloat16, {torch.bfloat16})]
     cfg = load_config(md.path)
     cfg.attention = "auto"
     sample_now(md, cfg, "cpu", attention_default="sdp")
