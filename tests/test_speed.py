@@ -18,7 +18,6 @@ from dreambooth.train import step as step_module
 from dreambooth.train.fused import ParamwiseOptimizer
 from dreambooth.train.loop import RunOptions, Trainer
 from dreambooth.train.precision import WeightPrecision, round_generator, stochastic_round
-from dreambooth.train.speed import to_device, use_pinned_memory
 
 # every switch compared with its default; the reference run turns the cache off to compare with the plain path
 PLAIN = dict(cache_text_embeddings=False, epochs=2, images=2)
@@ -419,36 +418,7 @@ def test_paramwise_optimizer_whole_step_equals_the_step_of_each_parameter_with_b
         assert torch.equal(whole.precision.masters[a], one_by_one.precision.masters[b])
 
 
-# ------------------------------------------------------------------------------------------- pinned memory, compile
-
-
-def test_pinned_memory_only_on_cuda(monkeypatch):
-    assert not use_pinned_memory(True, torch.device("cpu"))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert use_pinned_memory(True, torch.device("cuda"))
-    assert not use_pinned_memory(False, torch.device("cuda"))
-    tensor = mock.Mock()
-    tensor.device.type = "cpu"
-    to_device(tensor, torch.device("cuda"), pinned=True)
-    tensor.pin_memory.assert_called_once_with()
-    tensor.pin_memory.return_value.to.assert_called_once_with(torch.device("cuda"), non_blocking=True)
-    plain = torch.ones(2)
-    assert to_device(plain, torch.device("cpu"), pinned=False) is plain
-
-
-def test_pinned_memory_setting_reaches_the_copy_path(tmp_path, sd1, monkeypatch):
-    seen = []
-    real = caches_module.to_device
-
-    def spy(tensor, device, pinned):
-        seen.append(pinned)
-        return real(tensor, device, False)  # no CUDA here to pin for
-
-    monkeypatch.setattr(caches_module, "to_device", spy)
-    monkeypatch.setattr(loop_module, "use_pinned_memory", lambda enabled, device: enabled)
-    train(tmp_path, sd1, "pin", pin_memory=True, epochs=1)
-    train(tmp_path, sd1, "nopin", pin_memory=False, epochs=1)
-    assert seen == [True] * 2 + [False] * 2  # one pixel copy per image (latents cached after)
+# ------------------------------------------------------------------------------------------------------- compile
 
 
 def test_compile_unet_wraps_the_training_forward(tmp_path, sd1, monkeypatch):

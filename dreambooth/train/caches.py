@@ -31,7 +31,6 @@ from ..data.dataset import Example, TrainingData
 from ..data.prompts import tokenize_prompts
 from .conditioning import encode_tokens
 from .models import Models
-from .speed import to_device
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +43,8 @@ TEXT_CACHE_BYTES = 1 << 30
 class LatentCache:
     """The scaled VAE latent (the distribution's mean) of each example; kept when ``enabled`` (cached latents)."""
 
-    def __init__(self, models: Models, data: TrainingData, device: torch.device, pinned: bool, enabled: bool) -> None:
-        self.models, self.data, self.device, self.pinned, self.enabled = models, data, device, pinned, enabled
+    def __init__(self, models: Models, data: TrainingData, device: torch.device, enabled: bool) -> None:
+        self.models, self.data, self.device, self.enabled = models, data, device, enabled
         self.entries: dict[tuple[Path, tuple[int, int], bool], torch.Tensor] = {}
         self.encodes = 0  # how many images went through the VAE (a cache hit adds none)
 
@@ -54,7 +53,7 @@ class LatentCache:
         key = (ex.image, ex.bucket, flip)
         if self.enabled and key in self.entries:
             return self.entries[key]
-        pixels = to_device(self.data.load_pixels(ex, flip), self.device, self.pinned)[None]
+        pixels = self.data.load_pixels(ex, flip).to(self.device)[None]
         vae = self.models.vae
         pixels = pixels.to(vae.dtype)  # bf16 with bf16 weights; the latent is kept in fp32 either way
         latent = vae.encode(pixels).latent_dist.mode()[0].float() * vae.config.scaling_factor

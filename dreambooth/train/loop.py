@@ -38,7 +38,7 @@ from .precision import WeightPrecision, check_weight_precision
 from .resume import latest_state
 from .saving import NAN_HINT, Saver, restore_rng, rng_states
 from .schedules import make_lr_scheduler
-from .speed import compile_unet, use_pinned_memory
+from .speed import compile_unet
 from .status import Controls, StatusWriter
 from .step import Batch, StepSettings, compute_loss
 
@@ -195,8 +195,7 @@ class Trainer:
     def _apply_speed_settings(self) -> None:
         """Memory format, weight precision and compiling, once the trained parameters are known."""
         cfg, m = self.cfg, self.models
-        self.latents = LatentCache(m, self.data, self.device, use_pinned_memory(cfg.pin_memory, self.device),
-                                   cfg.cache_latents)
+        self.latents = LatentCache(m, self.data, self.device, cfg.cache_latents)
         check_weight_precision(cfg.weight_precision, cfg.mixed_precision, self.device)
         check_applies(cfg, "weight_precision", "fp32")
         if cfg.channels_last:
