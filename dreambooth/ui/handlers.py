@@ -411,5 +411,3 @@ def memory_html(text: str) -> str:
 
 def steps_html(text: str) -> str:
     return f"<div class='db-steps'>Total: {_escape(text)}</div>"
-
-
