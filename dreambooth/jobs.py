@@ -328,8 +328,10 @@ def _signal(pid: int, sig: int) -> None:
 
 
 def pause(model: ModelDir) -> None:
-    """Ask the worker to pause at the next step boundary."""
+    """Ask the worker to pause at the next step boundary (a sampling job has none: refused)."""
     _require_running(model, "pause")
+    if (read_status(model) or {}).get("job") == "sample":
+        raise NotRunning(f"{model.name!r} is making previews, which cannot pause", "cancel it, or let it finish")
     request_pause(model)
 
 

@@ -63,3 +63,15 @@ def test_a_cancel_stops_the_job_between_images(md, monkeypatch):
 
     monkeypatch.setattr(sample_job, "sample_now", previews)
     assert sample_job.run_sample_job(md, "cpu")["state"] == "cancelled"
+
+
+def test_a_sampling_job_is_not_paused(md, monkeypatch):
+    from dreambooth import jobs
+    from dreambooth.atomic import write_json
+    from dreambooth.train.status import PAUSE_FILE
+
+    write_json(md.status_path, {"state": "sampling", "job": "sample", "pid": os.getpid()})
+    monkeypatch.setattr(jobs, "worker_pid", lambda model: os.getpid())
+    with pytest.raises(jobs.NotRunning, match="making previews"):
+        jobs.pause(md)
+    assert not (md.path / PAUSE_FILE).exists()
