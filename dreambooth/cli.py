@@ -93,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apply a memory profile to the model's db_config.json before training (see profiles.py)")
     _add_root(p)
 
+    p = sub.add_parser("sample", help="make previews of a model's working weights now (in this process: the worker)",
+                       description="Previews for each concept with the saved db_config.json, as the trainer makes "
+                                   "them (scheduler, clip skip, attention, mixed precision), into the model's "
+                                   "samples/; reports through status.json. The tab's 'Generate samples now'.")
+    p.add_argument("name", help="model name")
+    p.add_argument("--device", help="torch device, e.g. cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--attention-default", choices=ATTENTION_MODES, default="sdp",
+                   help="what the config's attention 'auto' means (the WebUI passes its own choice)")
+    _add_root(p)
+
     p = sub.add_parser("import-kohya", help="fill a model's concepts from a kohya dataset (TOML or folders)",
                        description="Replace the model's concepts with a kohya sd-scripts dataset: a dataset .toml "
                                    "([general], [[datasets]], [[datasets.subsets]]) or a folder of "
@@ -220,6 +230,15 @@ def _rank() -> int | None:
     return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else None
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .sample_job import run_sample_job
+    from .store import open_model
+
+    status = run_sample_job(open_model(args.name, args.models_root), args.device, args.attention_default)
+    print(f"{status['state']}: {status['message']}")
+    return 0 if status["state"] in ("done", "cancelled") else 1
+
+
 def cmd_import_kohya(args: argparse.Namespace) -> int:
     from .data.kohya import import_kohya
     from .store import open_model
@@ -256,7 +275,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {"create": cmd_create, "export": cmd_export, "info": cmd_info, "train": cmd_train, "cancel": cmd_control,
             "pause": cmd_control, "unpause": cmd_control, "status": cmd_control, "demo": cmd_demo, "ui": cmd_ui,
-            "import-kohya": cmd_import_kohya}
+            "import-kohya": cmd_import_kohya, "sample": cmd_sample}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -306,9 +306,6 @@ class TrainConfig:
                                         "once: no full gradient buffer (saves the size of the trained weights again). "
                                         "Needs gradient accumulation 1, max gradient norm 0 (no global clipping) and "
                                         "no fp16 mixed precision on a GPU.", "performance")
-    pin_memory: bool = setting(True, "Pinned-memory batches",
-                               "Build batches in pinned RAM and copy them to the GPU asynchronously: less waiting "
-                               "on copies, costs a little locked RAM. No effect on the CPU.", "performance")
     compile_unet: bool = setting(False, "Compile the UNet (torch.compile)",
                                  "Compile the UNet's forward: faster steps after a slow first step (minutes), more "
                                  "setup time; falls back to the plain UNet where compiling fails.", "performance")
@@ -461,6 +458,11 @@ CONCEPT_RENAMED_KEYS = {
     "save_infer_steps": "sample_steps",
     "num_repeats": "repeats",
 }
+# settings taken out -> why (an old config that has one still loads: the value is dropped with a note)
+REMOVED_KEYS = {
+    "pin_memory": "removed: it changed nothing measurable (a batch is cached latents already on the GPU; a pinned "
+                  "copy used at once overlaps nothing)",
+}
 _VALUE_MIGRATIONS = {
     # old key -> function(old value) giving the new key's value
     "half_model": lambda v: "fp16" if v else "fp32",
@@ -552,6 +554,9 @@ def config_from_dict(data: Any) -> tuple[TrainConfig, list[str]]:
         raise ConfigError(f"config_version {version} was written by a newer version of this extension "
                           f"(this one reads up to {CONFIG_VERSION})", "update the extension")
     data = _migrate_keys(dict(data), RENAMED_KEYS, "", notes)
+    for key in REMOVED_KEYS.keys() & data.keys():
+        notes.append(f"{key}: {REMOVED_KEYS[key]}; ignored")
+        del data[key]
     data["config_version"] = CONFIG_VERSION
     specs = {s.name: s for s in field_specs(TrainConfig)}
     values: dict[str, Any] = {}

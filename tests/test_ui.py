@@ -516,8 +516,14 @@ def test_generate_samples_now_writes_previews_with_the_form_settings(model, tmp_
         values[index[(0, name)]] = value
     values[index[(None, "resolution")]] = 64
     message = handlers.sample("m", *values)
-    assert "made 2 preview(s)" in message
+    assert "in a worker" in message
+    from dreambooth import jobs
+
+    status = jobs.wait(md, 300)
+    assert status["state"] == "done" and status["job"] == "sample", status
+    assert "made 2 preview(s)" in status["message"]
     written = sorted(md.samples.glob("now_*.png"))
+    assert sorted(status["samples"]) == [str(p) for p in written]
     assert len(written) == 2
     from dreambooth.ui.output import sample_caption
 

@@ -40,7 +40,7 @@ from .options import RunOptions, attention_for, autocast_dtype, pick_device  # n
 from .precision import WeightPrecision, check_weight_precision
 from .saving import NAN_HINT, Saver, restore_rng, rng_states
 from .schedules import make_lr_scheduler
-from .speed import compile_unet, use_pinned_memory
+from .speed import compile_unet
 from .status import Cancelled
 from .step import Batch, StepSettings, compute_loss
 
@@ -204,8 +204,7 @@ class Trainer:
     def _apply_speed_settings(self) -> None:
         """Memory format, weight precision and compiling, once the trained parameters are known."""
         cfg, m = self.cfg, self.models
-        self.latents = LatentCache(m, self.data, self.device, use_pinned_memory(cfg.pin_memory, self.device),
-                                   cfg.cache_latents)
+        self.latents = LatentCache(m, self.data, self.device, cfg.cache_latents)
         check_weight_precision(cfg.weight_precision, cfg.mixed_precision, self.device)
         check_applies(cfg, "weight_precision", "fp32")
         if cfg.channels_last:
@@ -363,10 +362,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ events
     def _save_point(self) -> SavePoint:
-        captions: dict[str, list[str]] = {}
-        for ex in self.data.all_examples():
-            captions.setdefault(ex.image.parent.name, []).append(ex.caption)
-        return SavePoint(self.step, self.base_revision + self.step, self.epoch, captions)
+        return SavePoint(self.step, self.base_revision + self.step, self.epoch, self.data.tag_prompts())
 
     def _trained_weights(self) -> Weights:
         with self.precision.full_precision():  # bf16 weights are saved from their fp32 values (masters)

@@ -75,10 +75,10 @@ class Lora(TrainingMethod):
         clean_stale_temps(self.model.path / "lora", re.escape(f"{name}.safetensors"))
         if self.options.lora_dir is not None:
             clean_stale_temps(self.options.lora_dir, re.escape(name) + r"_\d+\.(safetensors|yaml)")
-        tags: dict[str, dict[str, int]] = {}
+        tags: dict[str, dict[str, int]] = {}  # kohya's ss_tag_frequency: comma-separated tags, lower case
         for folder, captions in at.captions.items():
             counts = tags.setdefault(folder, {})
-            for tag in (t.strip() for caption in captions for t in caption.split(",")):
+            for tag in (t.strip().lower() for caption in captions for t in caption.split(",")):
                 if tag:
                     counts[tag] = counts.get(tag, 0) + 1
         meta = lora_metadata(self.cfg.family, self.network.settings, name, tags, self.cfg.source_sha256,
