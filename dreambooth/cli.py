@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import ATTENTION_MODES, EMA_EXPORTS, FILE_DTYPES
+from .config import ATTENTION_MODES, EMA_EXPORTS, FILE_DTYPES, METHODS
 from .errors import UserError
 from .families import FAMILY_IDS
 from .profiles import PROFILES
@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "torch 2.3+) instead of fp32")
     p.add_argument("--profile", choices=tuple(PROFILES),
                    help="apply a memory profile to the model's db_config.json before training (see profiles.py)")
+    p.add_argument("--method", choices=tuple(METHODS),
+                   help="set the training method in the model's db_config.json before training; settings still at "
+                        "the previous method's defaults get this method's (e.g. its learning rate)")
     _add_root(p)
 
     p = sub.add_parser("import-kohya", help="fill a model's concepts from a kohya dataset (TOML or folders)",
@@ -172,6 +175,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train.loop import RunOptions, train_model
 
     md = open_model(args.name, args.models_root)
+    if getattr(args, "method", None):
+        _choose_method(md, args.method)
     if getattr(args, "profile", None):
         from .config import load_config
         from .profiles import apply_profile
@@ -189,6 +194,20 @@ def cmd_train(args: argparse.Namespace) -> int:
                                         attention_default=args.attention_default, cpu_fp16=args.cpu_fp16))
     print(f"{status['state']}: {status.get('message', '')} (step {status.get('step')})")
     return 0 if status["state"] in ("done", "cancelled") else 1
+
+
+def _choose_method(md: Any, method: str) -> None:
+    """Set the model's training method; the settings not changed get its defaults (printed)."""
+    from .config import load_config
+    from .train.methods import apply_method_defaults
+
+    cfg = load_config(md.path)
+    if cfg.method == method:
+        return
+    cfg.method = method
+    changes = apply_method_defaults(cfg)
+    cfg.save(md.path)
+    print(f"training method set to {method} in {md.config_path}" + "".join(f"\n  {c}" for c in changes))
 
 
 def cmd_import_kohya(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..config import Concept, TrainConfig, load_config
+from ..config import METHODS, Concept, TrainConfig, load_config
 from ..errors import UserError, import_failure
 from ..store import ModelDir, list_models, open_model
 from . import compat
@@ -152,6 +152,19 @@ class TabHandlers:
     def form_config(self, md: ModelDir, values: tuple[Any, ...] | list[Any]) -> TrainConfig:
         """The model's saved config with the form's values (nothing is written)."""
         return values_to_config(list(values), self.controls, load_config(md.path))
+
+    def choose_method(self, previous: str | None, *values: Any) -> list[Any]:
+        """[message, *control values, method]: the form after its training method changed from ``previous``; the
+        settings still at ``previous``'s defaults show the new method's (nothing is written)."""
+        from ..train.methods import apply_method_defaults
+
+        cfg = values_to_config(list(values), self.controls, TrainConfig())
+        cfg.method_defaults = previous if previous in METHODS else TrainConfig().method
+        changes = apply_method_defaults(cfg)
+        method = cfg.method.replace("_", " ")
+        text = (f"training method {method}: its defaults for the settings you had not changed: {'; '.join(changes)}"
+                if changes else f"training method {method}")
+        return [message_html(text, "ok"), *config_to_values(cfg, self.controls), cfg.method]
 
     def info(self, md: ModelDir, cfg: TrainConfig) -> str:
         from ..families import get_family

@@ -94,8 +94,9 @@ class TrainingMethod:
     # ------------------------------------------------------------------------------------------------ settings
     @classmethod
     def default_settings(cls) -> dict[str, Any]:
-        """Config values this method suggests for settings the user has not changed (field name -> value);
-        empty: the config's own defaults fit."""
+        """This method's defaults where they are not the config's own (field name -> value; the config's own are
+        DreamBooth's): choosing the method gives them to every setting the user has not changed
+        (``methods.apply_method_defaults``)."""
         return {}
 
     @classmethod

@@ -23,6 +23,12 @@ class TextualInversionMethod(TrainingMethod):
     trains_conditioning = True  # the new word's vectors go through the text encoders every step
 
     @classmethod
+    def default_settings(cls) -> dict[str, Any]:
+        """The WebUI's own Train tab: embedding learning rate 0.005, and AdamW without weight decay (the vectors are
+        all that trains; decay would only pull the new word towards zero)."""
+        return {"learning_rate": 5e-3, "weight_decay": 0.0}
+
+    @classmethod
     def memory(cls, cfg: TrainConfig, counts: Mapping[str, Any]) -> MemoryShare:
         return MemoryShare(trained=TOKEN_WIDTH * cfg.embedding_vectors, text_encoders=True)
 
