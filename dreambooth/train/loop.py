@@ -21,11 +21,12 @@ import torch
 from ..atomic import clean_stale_temps, fault_point
 from ..compat import grad_scaler
 from ..config import check_applies, load_config, resolve_concepts
-from ..data.dataset import Example, TrainingData, check_instance_prompts
+from ..data.dataset import Example, TrainingData
 from ..data.prompts import tokenize_prompts
 from ..errors import UserError
 from ..families import get_family
 from ..lock import acquire, acquire_device, device_key
+from ..preflight import check_run
 from ..sample import Sampler, SampleSettings, fill_class_folders
 from ..store import ModelDir
 from . import oom
@@ -118,7 +119,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # dropout draws from the global generators (CPU and CUDA): a seeded run repeats
         self.concepts = resolve_concepts(cfg)
         self.resolution = cfg.resolution or get_family(cfg.family).resolution
-        check_instance_prompts(self.concepts, self.resolution, cfg.enable_buckets, cfg.seed)
+        for note in check_run(self.model, cfg):  # the checks jobs.start made; a run started directly needs them
+            self.status.note(note)
         self.models = load_models(self.model.working, cfg.family)
         self.autocast = autocast_dtype(cfg.mixed_precision, self.device, self.opts.cpu_fp16)
         self.sample_settings = SampleSettings.from_config(cfg, self.autocast)  # previews and class images
@@ -141,11 +143,16 @@ class Trainer:
         self._make_optimizer()
         self.method.ready()
         self.saver = Saver(self.model, cfg, self.opts, self.method, self.status)
-        if self.opts.resume:
-            self._load_resume_state()
+        if self.opts.resume and self._load_resume_state():
             self.status.truncate_loss_log(self.step)  # the steps after it are trained (and logged) again
         else:
-            self.status.start_new_loss_log(self.base_revision)  # this run's steps count from 1 again
+            kept = self.status.start_new_loss_log(self.base_revision)  # this run's steps count from 1 again
+            if self.opts.resume:
+                self.status.note(f"resume: no readable resume state in {self.model.checkpoints}, so this run "
+                                 "started from the working weights at step 0"
+                                 + (f"; the earlier loss log is kept as {kept.name}" if kept else ""))
+        self.status.note(self.saver.check_first_save(self._trained_weights(), self._trainer_state(), self.optimizer,
+                                                     self.trained_params))  # before any step: what a save costs
         self._prepare_caches()
         log.info("training %s: %d epochs x %d steps = %d steps", self.model.name, cfg.epochs, self.steps_per_epoch,
                  self.total_steps)
@@ -207,7 +214,7 @@ class Trainer:
         if cfg.compile_unet:
             note = compile_unet(m.unet)
             if note:
-                self.status.update(note=note)
+                self.status.note(note)
 
     def _prepare_caches(self) -> None:
         """The text embedding cache; with offloading, fill the caches up front and move the idle models off."""
@@ -233,7 +240,7 @@ class Trainer:
         self.optimizer, note = build_optimizer([{"params": g.params, "lr": g.lr} for g in self.param_groups], cfg,
                                                self.precision, uses_scaler)
         if note:
-            self.status.update(note=note)
+            self.status.note(note)
         self.lr_scheduler = make_lr_scheduler(self.optimizer, cfg.lr_scheduler, self.total_steps,
                                               cfg.lr_warmup_steps, cfg.lr_cycles, cfg.lr_power)
         self.scaler = grad_scaler(self.device.type) if uses_scaler else None
@@ -252,11 +259,12 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
                 "base_revision": self.base_revision, **rng_states(self.device), **self.method.state_dict()}
 
-    def _load_resume_state(self) -> None:
+    def _load_resume_state(self) -> bool:
+        """Continue from the newest readable resume state; False when there is none."""
         state = latest_state(self.model.checkpoints)
         if state is None:
-            log.warning("no resume state in %s: starting from the working weights", self.model.checkpoints)
-            return
+            log.warning("no readable resume state in %s: starting from the working weights", self.model.checkpoints)
+            return False
         with self.precision.full_precision():  # bf16 weights: the fp32 values (masters) are what was saved
             self.method.load_weights(state.weights)
         t = state.trainer
@@ -266,7 +274,9 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = t["step"], t["epoch"], t["batch_in_epoch"]
         self.base_revision = t["base_revision"]
         restore_rng(t, self.device)
+        self.saver.previous = self.step
         log.info("resumed from %s at step %d (epoch %d)", state.path.name, self.step, self.epoch)
+        return True
 
     def _recover_from_crash(self) -> None:
         """Remove what a crashed run left half-written; complete a save cut off after its resume state."""

@@ -194,6 +194,11 @@ class StatusWriter:
         write_json(self.model.status_path, self.status)
         self._last_write = now
 
+    def note(self, text: str) -> None:
+        """Add ``text`` to the run's notes (shown under the status line until the run ends)."""
+        old = self.status.get("note")
+        self.update(force=True, note=f"{old}; {text}" if old else text)
+
     def close(self) -> None:
         self._loss_log.close()
         if self._tb is not None:

@@ -280,9 +280,10 @@ class TabHandlers:
         started = getattr(self.host, "training_started", None)
         if callable(started):  # e.g. the WebUI frees VRAM and mirrors the progress into its own progress bar
             started(md, is_running=lambda: jobs.running(md), read_status=lambda: jobs.status(md))
-        starting = {"state": "starting", "message": "starting the worker"}
-        return [message_html(f"training {md.name} started{' (resuming)' if resume else ''}", "ok"),
-                status_html(starting, True, md.name)]
+        note = (jobs.read_status(md) or {}).get("note")  # what the checks before the start noticed
+        starting = {"state": "starting", "message": "starting the worker", "note": note}
+        return [message_html(f"training {md.name} started{' (resuming)' if resume else ''}"
+                             + (f"; {note}" if note else ""), "ok"), status_html(starting, True, md.name)]
 
     def cancel(self, name: str | None) -> str:
         md = self.model(name)

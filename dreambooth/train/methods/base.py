@@ -105,6 +105,12 @@ class TrainingMethod:
         (``profiles.PARAMS``)."""
         return MemoryShare(trained=0)
 
+    @classmethod
+    def check_prompts(cls, cfg: TrainConfig, prompts: list[str]) -> list[str]:
+        """Refuse (UserError) training prompts this method cannot learn from, before the run (``preflight.py``);
+        ``prompts``: every instance image's. Returns notes on what is allowed but probably not meant."""
+        return []
+
     def memory_tips(self) -> list[str]:
         """Advice after an out-of-memory error that only this method can take (e.g. another method)."""
         return []
