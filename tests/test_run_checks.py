@@ -44,7 +44,7 @@ def no_worker(monkeypatch):
 
     def command(model, **kwargs):
         started.append(model.name)
-        return [sys.executable, "-c", "pass"]
+        return [sys.executable, "-c", "import time; time.sleep(3)"]  # ends by itself
 
     monkeypatch.setattr(jobs, "worker_command", command)
     return started

@@ -119,8 +119,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # dropout draws from the global generators (CPU and CUDA): a seeded run repeats
         self.concepts = resolve_concepts(cfg)
         self.resolution = cfg.resolution or get_family(cfg.family).resolution
-        for note in check_run(self.model, cfg):  # the checks jobs.start made; a run started directly needs them
-            self.status.note(note)
+        self.status.note("; ".join(check_run(self.model, cfg)))  # jobs.start's checks, for a run started directly
         self.models = load_models(self.model.working, cfg.family)
         self.autocast = autocast_dtype(cfg.mixed_precision, self.device, self.opts.cpu_fp16)
         self.sample_settings = SampleSettings.from_config(cfg, self.autocast)  # previews and class images
@@ -145,14 +144,9 @@ class Trainer:
         self.saver = Saver(self.model, cfg, self.opts, self.method, self.status)
         if self.opts.resume and self._load_resume_state():
             self.status.truncate_loss_log(self.step)  # the steps after it are trained (and logged) again
-        else:
-            kept = self.status.start_new_loss_log(self.base_revision)  # this run's steps count from 1 again
-            if self.opts.resume:
-                self.status.note(f"resume: no readable resume state in {self.model.checkpoints}, so this run "
-                                 "started from the working weights at step 0"
-                                 + (f"; the earlier loss log is kept as {kept.name}" if kept else ""))
-        self.status.note(self.saver.check_first_save(self._trained_weights(), self._trainer_state(), self.optimizer,
-                                                     self.trained_params))  # before any step: what a save costs
+        else:  # this run's steps count from 1 again (a resume without a resume state says so)
+            self.status.start_new_loss_log(self.base_revision, self.model.checkpoints if self.opts.resume else None)
+        self.status.note(self.saver.check_first_save(self._trained_weights(), self._trainer_state(), self.optimizer))
         self._prepare_caches()
         log.info("training %s: %d epochs x %d steps = %d steps", self.model.name, cfg.epochs, self.steps_per_epoch,
                  self.total_steps)
@@ -212,9 +206,7 @@ class Trainer:
         self.precision.cast_modules([m.unet, m.vae, *m.text_encoders, *self.method.added_modules()],
                                     self.trained_params)
         if cfg.compile_unet:
-            note = compile_unet(m.unet)
-            if note:
-                self.status.note(note)
+            self.status.note(compile_unet(m.unet))
 
     def _prepare_caches(self) -> None:
         """The text embedding cache; with offloading, fill the caches up front and move the idle models off."""
@@ -239,8 +231,7 @@ class Trainer:
         uses_scaler = self.autocast is torch.float16  # fp16 needs loss scaling, on a GPU and on the CPU alike
         self.optimizer, note = build_optimizer([{"params": g.params, "lr": g.lr} for g in self.param_groups], cfg,
                                                self.precision, uses_scaler)
-        if note:
-            self.status.note(note)
+        self.status.note(note)
         self.lr_scheduler = make_lr_scheduler(self.optimizer, cfg.lr_scheduler, self.total_steps,
                                               cfg.lr_warmup_steps, cfg.lr_cycles, cfg.lr_power)
         self.scaler = grad_scaler(self.device.type) if uses_scaler else None
@@ -260,7 +251,6 @@ class Trainer:
                 "base_revision": self.base_revision, **rng_states(self.device), **self.method.state_dict()}
 
     def _load_resume_state(self) -> bool:
-        """Continue from the newest readable resume state; False when there is none."""
         state = latest_state(self.model.checkpoints)
         if state is None:
             log.warning("no readable resume state in %s: starting from the working weights", self.model.checkpoints)

@@ -54,17 +54,17 @@ class Saver:
         self.status = status
         self.previous: int | None = None  # the step of this run's last save (or of the resume state it began from)
 
-    def check_first_save(self, weights: Weights, trainer_state: dict[str, Any], optimizer: Any,
-                         trained: list[torch.nn.Parameter]) -> str:
+    def check_first_save(self, weights: Weights, trainer_state: dict[str, Any], optimizer: Any) -> str:
         """Before the first step: refuse a run whose first save the disks cannot hold (its steps would be trained
         and lost), and say what a save costs. Before its first step the optimizer holds no state: that part is
-        estimated from the trained parameters (``profiles.OPTIMIZER_STATE_BYTES``)."""
+        estimated from its parameters (``profiles.OPTIMIZER_STATE_BYTES``)."""
         from ..profiles import OPTIMIZER_STATE_BYTES
 
         sizes = self.sizes(weights, 0, trainer_state)
         if not getattr(optimizer, "state", None):
             per_weight = OPTIMIZER_STATE_BYTES.get(self.cfg.optimizer, 8)
-            add_size(sizes, self.model.checkpoints, per_weight * sum(p.numel() for p in trained))
+            trained = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+            add_size(sizes, self.model.checkpoints, per_weight * trained)
         check_disk_space(sizes, None, self.previous)
         parts = ", ".join(f"{format_bytes(n)} {'of resume state in' if f == self.model.checkpoints else 'into'} {f}"
                           for f, n in sizes.items())
