@@ -45,6 +45,7 @@ from .config import (
     CONFIG_VERSION,
     EMA_EXPORTS,
     FILE_DTYPES,
+    METHODS,
     Concept,
     TrainConfig,
     config_from_dict,
@@ -357,8 +358,16 @@ def _spec_json(spec: Any) -> dict[str, Any]:
 
 
 def schema() -> dict[str, Any]:
-    return {"version": CONFIG_VERSION, "config": [_spec_json(s) for s in field_specs(TrainConfig)],
-            "concept": [_spec_json(s) for s in field_specs(Concept)]}
+    """Every setting; ``method_defaults``: its default per training method, where the methods' defaults differ
+    (``default`` is the default method's; choosing a method gives the settings not changed its defaults)."""
+    from .train.methods import method_defaults
+
+    by_method = {m: method_defaults(m) for m in METHODS}
+    config = []
+    for spec in field_specs(TrainConfig):
+        values = {m: defaults[spec.name] for m, defaults in by_method.items()}
+        config.append({**_spec_json(spec), "method_defaults": values if len(set(values.values())) > 1 else None})
+    return {"version": CONFIG_VERSION, "config": config, "concept": [_spec_json(s) for s in field_specs(Concept)]}
 
 
 def _is_export_of(path: Path, name: str) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import ATTENTION_MODES, EMA_EXPORTS, FILE_DTYPES
+from .config import ATTENTION_MODES, EMA_EXPORTS, FILE_DTYPES, METHODS
 from .errors import UserError
 from .families import FAMILY_IDS
 from .profiles import PROFILES
@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "torch 2.3+) instead of fp32")
     p.add_argument("--profile", choices=tuple(PROFILES),
                    help="apply a memory profile to the model's db_config.json before training (see profiles.py)")
+    p.add_argument("--method", choices=tuple(METHODS),
+                   help="set the training method in the model's db_config.json before training; settings still at "
+                        "the previous method's defaults get this method's (e.g. its learning rate)")
     _add_root(p)
 
     p = sub.add_parser("sample", help="make previews of a model's working weights now (in this process: the worker)",
@@ -186,6 +189,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .store import models_root, open_model
 
     md = open_model(args.name, args.models_root)
+    if getattr(args, "method", None) and not _rank():
+        _choose_method(md, args.method)
     if getattr(args, "profile", None) and not _rank():
         from .config import load_config
         from .profiles import apply_profile
@@ -237,6 +242,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     status = run_sample_job(open_model(args.name, args.models_root), args.device, args.attention_default)
     print(f"{status['state']}: {status['message']}")
     return 0 if status["state"] in ("done", "cancelled") else 1
+
+
+def _choose_method(md: Any, method: str) -> None:
+    """Set the model's training method; the settings not changed get its defaults (printed)."""
+    from .config import load_config
+    from .train.methods import apply_method_defaults
+
+    cfg = load_config(md.path)
+    if cfg.method == method:
+        return
+    cfg.method = method
+    changes = apply_method_defaults(cfg)
+    cfg.save(md.path)
+    print(f"training method set to {method} in {md.config_path}" + "".join(f"\n  {c}" for c in changes))
 
 
 def cmd_import_kohya(args: argparse.Namespace) -> int:

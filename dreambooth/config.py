@@ -147,8 +147,12 @@ class TrainConfig:
     method: str = setting("dreambooth", "Training method",
                           "dreambooth trains the model's own weights; lora trains a small add-on file for the WebUI's "
                           "Lora folder; textual_inversion trains a new word (an embedding file); hypernetwork trains a "
-                          "WebUI hypernetwork (legacy). All but dreambooth leave the model unchanged.", "method",
-                          choices=METHODS)
+                          "WebUI hypernetwork (legacy). All but dreambooth leave the model unchanged. Choosing a "
+                          "method gives the settings you have not changed its defaults (e.g. its learning rate).",
+                          "method", choices=METHODS)
+    method_defaults: str = setting("dreambooth", "Defaults of", "The method whose defaults the settings not changed by "
+                                   "the user hold; when it is not the method, they get the method's defaults on "
+                                   "load (train/methods: apply_method_defaults).", "method", choices=METHODS, ui=False)
     embedding_token: str = setting("", "Embedding word",
                                    "The new word to train, e.g. 'zwx-style' (lower case, no spaces); the embedding "
                                    "file gets this name and the WebUI triggers it by that name.", "embedding",
@@ -237,8 +241,9 @@ class TrainConfig:
                                    "batching", minimum=0.0, maximum=1000.0)
 
     # learning rate and optimizer
-    learning_rate: float = setting(2e-6, "Learning rate", "UNet learning rate.", "learning_rate",
-                                   minimum=0.0, maximum=1.0)
+    learning_rate: float = setting(2e-6, "Learning rate", "Learning rate of what trains: the UNet (LoRA: its UNet "
+                                   "part), the word's vectors, the hypernetwork. Each method has its own default.",
+                                   "learning_rate", minimum=0.0, maximum=1.0)
     text_encoder_learning_rate: float = setting(1e-6, "Text encoder learning rate",
                                                 "Learning rate of the text encoder(s) while they train.",
                                                 "learning_rate", minimum=0.0, maximum=1.0,
@@ -574,6 +579,10 @@ def config_from_dict(data: Any) -> tuple[TrainConfig, list[str]]:
     if unknown:
         notes.append(f"kept unknown settings (not used, written back on save): {', '.join(sorted(unknown))}")
     cfg = TrainConfig(**values, unknown=unknown)
+    if cfg.method_defaults != cfg.method:  # the method was changed (or the config predates per-method defaults)
+        from .train.methods import apply_method_defaults  # lazy: the method classes import torch
+
+        notes += apply_method_defaults(cfg)
     for note in notes:
         log.warning("%s", note)
     return cfg, notes

@@ -82,13 +82,17 @@ def worker_command(model: ModelDir, *, models_root: Path, resume: bool, device: 
     return cmd
 
 
-def _check_config(model: ModelDir) -> None:
-    """Refuse a config the worker would refuse, before a process is started."""
+def _check_config(model: ModelDir, resume: bool, job: str) -> list[str]:
+    """Refuse a config the worker would refuse, before a process is started (a training run: ``preflight.py``);
+    the notes the run should show."""
+    from .preflight import check_run
+
     cfg = load_config(model.path)
     concepts = load_concepts_file(cfg.concepts_list_file) if cfg.concepts_list_file else cfg.concepts
     if not concepts:
         raise ConfigError(f"model {model.name!r} has no concepts to train",
                           "add a concept with an instance images folder and prompt")
+    return check_run(model, cfg, resume) if job == "train" else []
 
 
 def _check_device_free(model: ModelDir, device: str | None) -> None:
@@ -117,8 +121,9 @@ def start(model: ModelDir, *, models_root: Path, resume: bool = False, device: s
           embeddings_dir: Path | None = None, hypernetworks_dir: Path | None = None, job: str = "train") -> int:
     """Start a worker that trains ``model`` (``job="sample"``: makes its previews now); return its pid at once.
 
-    The config is validated first, so a bad one is refused before any process starts. Raises AlreadyRunning while
-    another worker trains this model. ``status.json`` says ``starting`` when this returns.
+    The config and the concepts are checked first (``preflight.py``), so a bad one is refused before any process
+    starts. Raises AlreadyRunning while another worker trains this model. ``status.json`` says ``starting`` when
+    this returns, with the checks' notes in its ``note``.
     """
     _reap()
     if job not in JOBS:
@@ -126,7 +131,6 @@ def start(model: ModelDir, *, models_root: Path, resume: bool = False, device: s
     if attention_default is not None and attention_default not in ATTENTION_MODES:  # the worker's --attention-default
         raise UserError(f"attention default {attention_default!r} is not one of {', '.join(ATTENTION_MODES)}",
                         "fix the host's attention setting")
-    _check_config(model)
     _check_device_free(model, device)
     try:
         held = lock.acquire(model.path)
@@ -140,6 +144,7 @@ def start(model: ModelDir, *, models_root: Path, resume: bool = False, device: s
         raise AlreadyRunning(f"{model.name!r} is already training (pid {other})",
                              "wait for it to finish, or cancel it first")
     try:
+        notes = _check_config(model, resume, job)  # under the lock: one start scans the images, a second is refused
         clear_requests_of(model)  # meant for an earlier run; the worker keeps whatever is asked from now on
         cmd = worker_command(model, models_root=Path(models_root), resume=resume, device=device,
                              export_dir=export_dir, attention_default=attention_default, lora_dir=lora_dir,
@@ -148,7 +153,7 @@ def start(model: ModelDir, *, models_root: Path, resume: bool = False, device: s
         started = time.time()
         write_json(model.status_path, {"state": "starting", "message": f"starting the {WHAT[job]} process",
                                        "pid": None, "started_at": started, "samples": [], "resume": resume,
-                                       "launch_token": held.token, "job": job})
+                                       "launch_token": held.token, "job": job, "note": "; ".join(notes)})
         with open(model.logs / WORKER_LOG, "ab") as log_file:
             log_file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(cmd)}\n".encode())
             log_file.flush()

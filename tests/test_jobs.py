@@ -17,6 +17,7 @@ from conftest import make_training_model
 
 from dreambooth import jobs, lock, platform_compat
 from dreambooth.config import Concept, TrainConfig
+from dreambooth.demo import make_concept_images
 from dreambooth.errors import ConfigError, UserError
 from dreambooth.store import ModelDir, model_dir
 
@@ -34,11 +35,13 @@ def write_lock(folder: Path, **content) -> Path:
 
 
 def fake_model(root: Path, name: str = "m", concepts: bool = True) -> ModelDir:
-    """A model dir with a valid config (no weights: the stand-in workers below never load any)."""
+    """A model dir with a valid config and concept (no weights: the stand-in workers below never load any)."""
     md = model_dir(name, root)
     md.working.mkdir(parents=True)
     cfg = TrainConfig(model_name=name)
     if concepts:
+        if not (root / "images").is_dir():
+            make_concept_images(root / "images", count=1)
         cfg.concepts = [Concept(instance_data_dir=str(root / "images"), instance_prompt="a photo of zwx")]
     cfg.save(md.path)
     return md

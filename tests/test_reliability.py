@@ -140,13 +140,13 @@ def test_the_space_estimate_covers_what_a_save_writes(tmp_path, sd1, monkeypatch
     estimates = []
     real_check = saving_module.check_disk_space
 
-    def check(sizes, step):
+    def check(sizes, step, previous=None):
         estimates.append(dict(sizes))
-        real_check(sizes, step)
+        real_check(sizes, step, previous)
 
     monkeypatch.setattr(saving_module, "check_disk_space", check)
     run(md, export_dir=exports)
-    (sizes,) = estimates
+    (_, sizes) = estimates  # the check before the run, the save's
 
     def written(folder: Path) -> int:
         return sum(p.stat().st_size for p in folder.rglob("*.safetensors")) + \
@@ -176,9 +176,9 @@ def test_a_failing_save_on_cancel_ends_as_failed_not_cancelled(tmp_path, sd1, mo
         original(self, group)
         if self.step == 1:
             (md.path / "cancel.request").touch()
+            monkeypatch.setattr(saving_module.shutil, "disk_usage", lambda path: Usage(2**30, 2**30, 100))
 
     monkeypatch.setattr(Trainer, "_optimizer_step", step_then_cancel)
-    monkeypatch.setattr(saving_module.shutil, "disk_usage", lambda path: Usage(2**30, 2**30, 100))
     with pytest.raises(UserError):
         run(md)
     status = json.loads(md.status_path.read_text())

@@ -96,7 +96,8 @@ def _everything_set() -> TrainConfig:
               if s.ui and s.name not in ("config_version",)}
     concepts = [Concept(**{s.name: _other(s, i + 7 * n) for i, s in enumerate(field_specs(Concept))})
                 for n in range(CONCEPT_PANELS + 1)]
-    return TrainConfig(**values, concepts=concepts, unknown={"from_a_newer_version": [1, {"x": 2}]})
+    return TrainConfig(**values, concepts=concepts, unknown={"from_a_newer_version": [1, {"x": 2}]},
+                       method_defaults=values["method"])  # as saved once its method was chosen
 
 
 # ---------------------------------------------------------------------------------------------------- building

@@ -203,14 +203,17 @@ class TrainingData:
         return prompts
 
 
-def check_instance_prompts(concepts: list[Concept], resolution: int, enable_buckets: bool, seed: int) -> None:
+def check_instance_prompts(concepts: list[Concept], resolution: int, enable_buckets: bool, seed: int) -> list[str]:
     """Refuse missing folders and unusable images or captions, and an image whose training prompt is empty, before
-    any model loads (class images are checked once they exist)."""
+    any model loads (class images are checked once they exist). Returns every instance image's training prompt."""
     concepts = [dataclasses.replace(c, num_class_images_per=0) for c in concepts]
+    prompts = []
     for ex in TrainingData(concepts, resolution, enable_buckets=enable_buckets, seed=seed).all_examples():
         concept = concepts[ex.concept]
-        if not build_prompt(ex.caption_template, ex.caption, concept.instance_token, concept.class_token):
+        prompts.append(build_prompt(ex.caption_template, ex.caption, concept.instance_token, concept.class_token))
+        if not prompts[-1]:
             raise UserError(f"the training prompt of {ex.image} is empty (the prompt {ex.caption_template!r} "
                             f"with its caption {ex.caption!r})",
                             "write the captions into the .txt files beside the images, or set an instance "
                             "prompt or instance token")
+    return prompts

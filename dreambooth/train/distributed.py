@@ -107,8 +107,12 @@ class QuietStatus:
     def truncate_loss_log(self, step: int) -> int:
         return 0
 
-    def start_new_loss_log(self, trained_before: int) -> Path | None:
+    def start_new_loss_log(self, trained_before: int, no_resume_state_in: Path | None = None) -> Path | None:
         return None
+
+    def note(self, text: str | None) -> None:
+        if text:
+            self.status["note"] = f"{self.status['note']}; {text}" if self.status.get("note") else text
 
     def close(self) -> None:
         pass

@@ -142,7 +142,7 @@ def _initial_vectors(tokenizer: Any, encoder: nn.Module, settings: EmbeddingSett
     return rows[torch.arange(n) % len(ids)].clone()
 
 
-def _prompt_pattern(names: list[str]) -> re.Pattern[str]:
+def prompt_pattern(names: list[str]) -> re.Pattern[str]:
     """The token as a whole word (not inside a longer word or name), in any case, with the rest of its expansion
     when that follows already."""
     rest = "".join(r"\s+" + re.escape(name) for name in names[1:])
@@ -296,7 +296,7 @@ class TextualInversion:
             self._frozen = [(p, p.requires_grad) for root in roots if root is not None for p in root.parameters()]
             for p, _ in self._frozen:
                 p.requires_grad_(False)
-        self._pattern = _prompt_pattern(settings.names)
+        self._pattern = prompt_pattern(settings.names)
         log.info("textual inversion %r: %d vector(s) per encoder (%s), ids %s, init %s", settings.token,
                  settings.vectors, ", ".join(f"{s.key} {s.vectors.shape[1]}" for s in self._slots),
                  self._slots[0].ids, repr(settings.init_word) if settings.init_word.strip() not in RANDOM_INIT

@@ -22,11 +22,12 @@ import torch
 from ..atomic import clean_stale_temps, fault_point
 from ..compat import grad_scaler
 from ..config import check_applies, load_config, resolve_concepts
-from ..data.dataset import Example, TrainingData, check_instance_prompts
+from ..data.dataset import Example, TrainingData
 from ..errors import UserError
 from ..families import get_family
 from ..gpus import check_several_processes
 from ..lock import acquire, acquire_device, device_key
+from ..preflight import check_run
 from ..sample import Sampler, SampleSettings, fill_class_folders
 from ..store import ModelDir
 from . import oom
@@ -120,7 +121,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # dropout draws from the global generators (CPU and CUDA): a seeded run repeats
         self.concepts = resolve_concepts(cfg)
         self.resolution = cfg.resolution or get_family(cfg.family).resolution
-        check_instance_prompts(self.concepts, self.resolution, cfg.enable_buckets, cfg.seed)
+        self.status.note("; ".join(check_run(self.model, cfg)))  # jobs.start's checks, for a run started directly
         self.models = load_models(self.model.working, cfg.family)
         self.autocast = autocast_dtype(cfg.mixed_precision, self.device, self.opts.cpu_fp16)
         self.sample_settings = SampleSettings.from_config(cfg, self.autocast)  # previews and class images
@@ -146,11 +147,11 @@ class Trainer:
         self._make_optimizer()
         self.method.ready()
         self.saver = Saver(self.model, cfg, self.opts, self.method, self.status)
-        if self.opts.resume:
-            self._load_resume_state()
+        if self.opts.resume and self._load_resume_state():
             self.status.truncate_loss_log(self.step)  # the steps after it are trained (and logged) again
-        else:
-            self.status.start_new_loss_log(self.base_revision)  # this run's steps count from 1 again
+        else:  # this run's steps count from 1 again (a resume without a resume state says so)
+            self.status.start_new_loss_log(self.base_revision, self.model.checkpoints if self.opts.resume else None)
+        self.status.note(self.saver.check_first_save(self._trained_weights(), self._trainer_state(), self.optimizer))
         self._prepare_caches()
         self.ranks.check_same(self.trained_params)
         log.info("training %s: %d epochs x %d steps = %d steps", self.model.name, cfg.epochs, self.steps_per_epoch,
@@ -213,9 +214,7 @@ class Trainer:
         self.precision.cast_modules([m.unet, m.vae, *m.text_encoders, *self.method.added_modules()],
                                     self.trained_params)
         if cfg.compile_unet:
-            note = compile_unet(m.unet)
-            if note:
-                self.status.update(note=note)
+            self.status.note(compile_unet(m.unet))
 
     def _prepare_caches(self) -> None:
         """The text embedding cache; with offloading, fill the caches up front and move the idle models off."""
@@ -240,8 +239,7 @@ class Trainer:
         uses_scaler = self.autocast is torch.float16  # fp16 needs loss scaling, on a GPU and on the CPU alike
         self.optimizer, note = build_optimizer([{"params": g.params, "lr": g.lr} for g in self.param_groups], cfg,
                                                self.precision, uses_scaler)
-        if note:
-            self.status.update(note=note)
+        self.status.note(note)
         self.lr_scheduler = make_lr_scheduler(self.optimizer, cfg.lr_scheduler, self.total_steps,
                                               cfg.lr_warmup_steps, cfg.lr_cycles, cfg.lr_power)
         self.scaler = grad_scaler(self.device.type) if uses_scaler else None
@@ -261,11 +259,11 @@ class Trainer:
                 "base_revision": self.base_revision, **rng_states(self.device), **self.method.state_dict(),
                 **self.ranks.state(self.batch)}
 
-    def _load_resume_state(self) -> None:
+    def _load_resume_state(self) -> bool:
         state = self.resume
         if state is None:
-            log.warning("no resume state in %s: starting from the working weights", self.model.checkpoints)
-            return
+            log.warning("no readable resume state in %s: starting from the working weights", self.model.checkpoints)
+            return False
         with self.precision.full_precision():  # bf16 weights: the fp32 values (masters) are what was saved
             self.method.load_weights(state.weights)
         t = state.trainer
@@ -275,7 +273,9 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = t["step"], t["epoch"], t["batch_in_epoch"]
         self.base_revision = t["base_revision"]
         restore_rng(t, self.device)
+        self.saver.previous = self.step
         log.info("resumed from %s at step %d (epoch %d)", state.path.name, self.step, self.epoch)
+        return True
 
     def _recover_from_crash(self) -> None:
         """Remove what a crashed run left half-written; complete a save cut off after its resume state."""

@@ -52,6 +52,25 @@ class Saver:
         self.options = options
         self.method = method
         self.status = status
+        self.previous: int | None = None  # the step of this run's last save (or of the resume state it began from)
+
+    def check_first_save(self, weights: Weights, trainer_state: dict[str, Any], optimizer: Any) -> str:
+        """Before the first step: refuse a run whose first save the disks cannot hold (its steps would be trained
+        and lost), and say what a save costs. Before its first step the optimizer holds no state: that part is
+        estimated from its parameters (``profiles.OPTIMIZER_STATE_BYTES``)."""
+        from ..profiles import OPTIMIZER_STATE_BYTES
+
+        sizes = self.sizes(weights, 0, trainer_state)
+        if not getattr(optimizer, "state", None):
+            per_weight = OPTIMIZER_STATE_BYTES.get(self.cfg.optimizer, 8)
+            trained = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+            add_size(sizes, self.model.checkpoints, per_weight * trained)
+        check_disk_space(sizes, None, self.previous)
+        parts = ", ".join(f"{format_bytes(n)} {'of resume state in' if f == self.model.checkpoints else 'into'} {f}"
+                          for f, n in sizes.items())
+        self.status.update(save_bytes=sum(sizes.values()))
+        log.info("a save writes about %s: %s", format_bytes(sum(sizes.values())), parts)
+        return f"a save writes about {format_bytes(sum(sizes.values()))} ({parts})"
 
     def save(self, at: SavePoint, weights: Callable[[], Weights], trainer_state: Callable[[], dict[str, Any]]
              ) -> None:
@@ -65,10 +84,11 @@ class Saver:
             raise UserError(f"the weights are no longer finite at step {at.step} ({broken}); nothing was saved",
                             NAN_HINT)
         state = trainer_state()
-        check_disk_space(self.sizes(trained, at.step, state), at.step)
+        check_disk_space(self.sizes(trained, at.step, state), at.step, self.previous)
         save_state(self.model.checkpoints, at.step, state, trained, self.cfg.keep_resume_states)
         fault_point("save")  # test hook: the new resume state is in place, the rest is not
         self._write_outputs(trained, at)
+        self.previous = at.step
         self.status.update(force=True, state="running", message=f"saved at step {at.step}")
 
     def recover(self, at: SavePoint, weights: Callable[[], Weights]) -> bool:
@@ -82,7 +102,7 @@ class Saver:
         log.warning("the save at step %d was cut off after its resume state; writing the rest of it", at.step)
         self.status.update(force=True, state="saving", message=f"completing the save at step {at.step}")
         trained = weights()
-        check_disk_space(self.sizes(trained, at.step), at.step)
+        check_disk_space(self.sizes(trained, at.step), at.step, at.step)  # its resume state is the earlier save
         self._write_outputs(trained, at)
         self.status.update(force=True, state="running", message=f"saved at step {at.step}")
         return True
@@ -141,8 +161,9 @@ def restore_rng(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["rng_device"], device)
 
 
-def check_disk_space(sizes: dict[Path, int], step: int) -> None:
-    """Refuse a save the disks cannot hold, before anything of it is written."""
+def check_disk_space(sizes: dict[Path, int], step: int | None, previous: int | None = None) -> None:
+    """Refuse a save the disks cannot hold, before anything of it is written. ``step``: the save's (None: the
+    check before the run, for its first save); ``previous``: the step of the run's last save, if it has one."""
     by_disk: dict[int, tuple[Path, int, list[Path]]] = {}
     for folder, size in sizes.items():
         existing = _existing_ancestor(folder)
@@ -154,11 +175,19 @@ def check_disk_space(sizes: dict[Path, int], step: int) -> None:
         free = shutil.disk_usage(existing).free
         if needed > free:
             where = ", ".join(str(f) for f in folders)
-            raise UserError(f"not enough free disk space to save at step {step}: the save needs about "
-                            f"{format_bytes(needed)} on the disk of {where}, and {format_bytes(free)} is free; "
-                            "nothing of this save was written, the previous save is intact",
-                            f"free at least {format_bytes(needed - free)} there (old exports, old resume "
-                            "states), or lower 'Resume states to keep'; then continue with --resume")
+            short = f"free at least {format_bytes(needed - free)} there (old exports, old resume states)"
+            what = (f"the save needs about {format_bytes(needed)} on the disk of {where}, and {format_bytes(free)} "
+                    "is free")
+            if step is None:
+                raise UserError(f"not enough free disk space for this run's first save: {what}; nothing was trained",
+                                f"{short}, or turn 'Export a checkpoint at each save' off; then start it again")
+            if previous is None:
+                raise UserError(f"not enough free disk space to save at step {step}: {what}; nothing of this save "
+                                "was written, and this run has no earlier save: its steps are not saved",
+                                f"{short}, then train again")
+            raise UserError(f"not enough free disk space to save at step {step}: {what}; nothing of this save was "
+                            f"written, the previous save (step {previous}) is intact",
+                            f"{short}, or lower 'Resume states to keep'; then continue with --resume")
 
 
 def _safetensors_bytes(path: Path, cast: torch.dtype | None) -> int:

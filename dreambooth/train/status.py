@@ -153,10 +153,11 @@ class StatusWriter:
         self._loss_log = self._open_loss_log()
         return dropped
 
-    def start_new_loss_log(self, trained_before: int) -> Path | None:
+    def start_new_loss_log(self, trained_before: int, no_resume_state_in: Path | None = None) -> Path | None:
         """A fresh (not resumed) run logs its own steps from 1: an earlier run's ``loss.csv`` that has rows is kept
         as ``loss_until_step_<trained_before>.csv`` (``_2``, ... if taken) and ``loss.csv`` starts empty, so no
-        step number appears twice in it. Returns the kept file, if any."""
+        step number appears twice in it. Returns the kept file, if any. ``no_resume_state_in``: a resume was asked
+        for and that folder has no readable resume state; the run's notes say so."""
         self._loss_log.close()
         try:
             has_rows = len(self._loss_path.read_text(encoding="utf-8", errors="replace").splitlines()) > 1
@@ -172,6 +173,9 @@ class StatusWriter:
             platform_compat.replace(self._loss_path, kept)  # a rename: the old log is whole in one place or the other
             log.info("loss.csv of the earlier run kept as %s", kept.name)
         self._loss_log = self._open_loss_log()
+        if no_resume_state_in is not None:
+            self.note(f"resume: no readable resume state in {no_resume_state_in}, so this run started from the "
+                      "working weights at step 0" + (f"; the earlier loss log is kept as {kept.name}" if kept else ""))
         return kept
 
     def log_loss(self, step: int, epoch: int, loss: float, lrs: list[float]) -> None:
@@ -197,6 +201,13 @@ class StatusWriter:
         self._loss_log.flush()
         write_json(self.model.status_path, self.status)
         self._last_write = now
+
+    def note(self, text: str | None) -> None:
+        """Add ``text`` (if any) to the run's notes (shown under the status line until the run ends)."""
+        if not text:
+            return
+        old = self.status.get("note")
+        self.update(force=True, note=f"{old}; {text}" if old else text)
 
     def close(self) -> None:
         self._loss_log.close()

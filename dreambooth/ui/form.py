@@ -154,7 +154,8 @@ def values_to_config(values: list[Any], controls: list[Control], base: TrainConf
 
     What the form does not show is kept from ``base``: the model's identity and progress, unknown keys, and concepts
     past the panels. Trailing panels left at their defaults are not concepts; an empty panel before a filled one is
-    kept, so every concept keeps its index (class image folders are numbered by it).
+    kept, so every concept keeps its index (class image folders are numbered by it). The form's values are those of
+    its training method (the tab gives them the method's defaults when it is picked), so ``method_defaults`` is it.
     """
     if len(values) != len(controls):
         raise ValueError(f"{len(values)} values for {len(controls)} controls")
@@ -171,7 +172,8 @@ def values_to_config(values: list[Any], controls: list[Control], base: TrainConf
     concepts = shown + [dataclasses.replace(c) for c in base.concepts[panels:]]
     while concepts and concepts[-1] == Concept():
         concepts.pop()
-    return dataclasses.replace(base, **settings, concepts=concepts, unknown=dict(base.unknown))
+    return dataclasses.replace(base, **settings, concepts=concepts, unknown=dict(base.unknown),
+                               method_defaults=settings.get("method", base.method_defaults))
 
 
 # ---------------------------------------------------------------------------------------------------- step count

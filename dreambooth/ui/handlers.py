@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..config import Concept, TrainConfig, load_config
+from ..config import METHODS, Concept, TrainConfig, load_config
 from ..errors import UserError, import_failure
 from ..store import ModelDir, list_models, open_model
 from . import compat
@@ -153,6 +153,19 @@ class TabHandlers:
         """The model's saved config with the form's values (nothing is written)."""
         return values_to_config(list(values), self.controls, load_config(md.path))
 
+    def choose_method(self, previous: str | None, *values: Any) -> list[Any]:
+        """[message, *control values, method]: the form after its training method changed from ``previous``; the
+        settings still at ``previous``'s defaults show the new method's (nothing is written)."""
+        from ..train.methods import apply_method_defaults
+
+        cfg = values_to_config(list(values), self.controls, TrainConfig())
+        cfg.method_defaults = previous if previous in METHODS else TrainConfig().method
+        changes = apply_method_defaults(cfg)
+        method = cfg.method.replace("_", " ")
+        text = (f"training method {method}: its defaults for the settings you had not changed: {'; '.join(changes)}"
+                if changes else f"training method {method}")
+        return [message_html(text, "ok"), *config_to_values(cfg, self.controls), cfg.method]
+
     def info(self, md: ModelDir, cfg: TrainConfig) -> str:
         from ..families import get_family
 
@@ -267,9 +280,10 @@ class TabHandlers:
         started = getattr(self.host, "training_started", None)
         if callable(started):  # e.g. the WebUI frees VRAM and mirrors the progress into its own progress bar
             started(md, is_running=lambda: jobs.running(md), read_status=lambda: jobs.status(md))
-        starting = {"state": "starting", "message": "starting the worker"}
-        return [message_html(f"training {md.name} started{' (resuming)' if resume else ''}", "ok"),
-                status_html(starting, True, md.name)]
+        note = (jobs.read_status(md) or {}).get("note")  # what the checks before the start noticed
+        starting = {"state": "starting", "message": "starting the worker", "note": note}
+        return [message_html(f"training {md.name} started{' (resuming)' if resume else ''}"
+                             + (f"; {note}" if note else ""), "ok"), status_html(starting, True, md.name)]
 
     def cancel(self, name: str | None) -> str:
         md = self.model(name)

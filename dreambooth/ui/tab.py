@@ -181,11 +181,23 @@ def build_tab(host: Host) -> Any:
                                          interactive=False, autoscroll=True, show_copy_button=True,
                                          elem_id="dreambooth_log")
         seen = gr.State({})
+        form_method = gr.State(default.method)  # the method whose defaults the form's untouched settings show
 
         values = [made[c.elem_id] for c in handlers.controls]
         guard = functools.partial(guarded, no_change=compat.no_change)
         poll_outputs = [status, loss, gallery, worker_log, pause, seen]
-        form_outputs = [message, info, steps_line, *values]
+        form_outputs = [message, info, steps_line, *values, form_method]
+        method_at = [c.elem_id for c in handlers.controls].index("dbt_method") - len(values)
+
+        def filling(fn: Any) -> Any:
+            """``fn`` fills the form (its outputs end with the values); also set ``form_method`` to the method shown."""
+
+            @functools.wraps(fn)
+            def fill(*args: Any) -> list[Any]:
+                out = fn(*args)
+                return [*out, out[method_at]]
+
+            return fill
 
         def then_poll(dependency: Any) -> None:
             compat.on(dependency.then, handlers.poll, [model, seen], poll_outputs, queue=False,
@@ -193,14 +205,16 @@ def build_tab(host: Host) -> Any:
 
         compat.on(refresh_models.click, guard(1)(handlers.refresh_models), [model], [model], queue=False)
         compat.on(refresh_sources.click, guard(1)(handlers.refresh_checkpoints), [source], [source], queue=False)
-        then_poll(compat.on(model.select, guard(len(form_outputs))(handlers.load), [model], form_outputs,
+        then_poll(compat.on(model.select, guard(len(form_outputs))(filling(handlers.load)), [model], form_outputs,
                             queue=False))
-        then_poll(compat.on(load.click, guard(len(form_outputs))(handlers.load), [model], form_outputs, queue=False))
+        then_poll(compat.on(load.click, guard(len(form_outputs))(filling(handlers.load)), [model], form_outputs,
+                            queue=False))
         compat.on(save.click, guard(1)(handlers.save), [model, *values], [message], queue=False)
-        compat.on(kohya_import.click, guard(len(form_outputs))(handlers.import_kohya),
+        compat.on(kohya_import.click, guard(len(form_outputs))(filling(handlers.import_kohya)),
                   [model, kohya_source, kohya_reg], form_outputs, queue=False)
-        then_poll(compat.on(create.click, guard(len(form_outputs) + 1)(handlers.create),
-                            [source, model_type, extract_ema, new_name], [message, info, steps_line, model, *values]))
+        then_poll(compat.on(create.click, guard(len(form_outputs) + 1)(filling(handlers.create)),
+                            [source, model_type, extract_ema, new_name],
+                            [message, info, steps_line, model, *values, form_method]))
         compat.on(train.click, guard(2)(handlers.train), [model, resume, *values], [message, status], queue=False)
         compat.on(cancel.click, guard(1)(handlers.cancel), [model], [message], queue=False)
         compat.on(pause.click, guard(2)(handlers.pause), [model], [message, pause], queue=False)
@@ -230,6 +244,9 @@ def build_tab(host: Host) -> Any:
         for trigger in choice:
             compat.on(trigger.change, show_for, choice,
                       [made[c.elem_id] for c in dependent] + [a for a, _ in dependent_groups], queue=False)
+        # a method picked by the user: the settings still at the previous method's defaults show the new method's
+        compat.on(compat.user_input(made["dbt_method"]), guard(2 + len(values))(handlers.choose_method),
+                  [form_method, *values], [message, *values, form_method], queue=False)
 
         compat.on(profile.change, guard(1 + len(values))(handlers.apply_profile), [model, profile, *values],
                   [memory_line, *values], queue=False)

@@ -94,8 +94,9 @@ class TrainingMethod:
     # ------------------------------------------------------------------------------------------------ settings
     @classmethod
     def default_settings(cls) -> dict[str, Any]:
-        """Config values this method suggests for settings the user has not changed (field name -> value);
-        empty: the config's own defaults fit."""
+        """This method's defaults where they are not the config's own (field name -> value; the config's own are
+        DreamBooth's): choosing the method gives them to every setting the user has not changed
+        (``methods.apply_method_defaults``)."""
         return {}
 
     @classmethod
@@ -103,6 +104,12 @@ class TrainingMethod:
         """This method's share of the memory estimate; ``counts``: the family's parameter counts
         (``profiles.PARAMS``)."""
         return MemoryShare(trained=0)
+
+    @classmethod
+    def check_prompts(cls, cfg: TrainConfig, prompts: list[str]) -> list[str]:
+        """Refuse (UserError) training prompts this method cannot learn from, before the run (``preflight.py``);
+        ``prompts``: every instance image's. Returns notes on what is allowed but probably not meant."""
+        return []
 
     def memory_tips(self) -> list[str]:
         """Advice after an out-of-memory error that only this method can take (e.g. another method)."""

@@ -1,5 +1,6 @@
 """Full DreamBooth: the model's own UNet weights train (and, for a share of the steps, the text encoders'); a save
-writes them into ``working/`` and exports a single-file checkpoint. The only method with an EMA of the UNet."""
+writes them into ``working/`` and exports a single-file checkpoint. The only method with an EMA of the UNet. Its
+defaults are the config's own (learning rate 2e-6, text encoder 1e-6: full fine-tuning of every weight)."""
 
 from __future__ import annotations
 

@@ -23,6 +23,11 @@ class HypernetworkMethod(TrainingMethod):
     name = "hypernetwork"
 
     @classmethod
+    def default_settings(cls) -> dict[str, Any]:
+        """The WebUI's own Train tab: hypernetwork learning rate 0.00001."""
+        return {"learning_rate": 1e-5}
+
+    @classmethod
     def memory(cls, cfg: TrainConfig, counts: Mapping[str, Any]) -> MemoryShare:
         widths = [int(counts["context"] * s) for s in parse_layer_structure(cfg.hypernetwork_layer_structure)]
         norm = 2 if cfg.hypernetwork_layer_norm else 0

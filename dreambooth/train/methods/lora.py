@@ -30,6 +30,13 @@ class Lora(TrainingMethod):
         return self.cfg.lora_merge_export
 
     @classmethod
+    def default_settings(cls) -> dict[str, Any]:
+        """The learning rates LoRA is commonly trained with (kohya's sd-scripts and the guides around it: about 1e-4
+        for the UNet's adapters, half that for the text encoder's); DreamBooth's 2e-6 moves a zero-initialised
+        up-projection too little to change an image."""
+        return {"learning_rate": 1e-4, "text_encoder_learning_rate": 5e-5}
+
+    @classmethod
     def memory(cls, cfg: TrainConfig, counts: Mapping[str, Any]) -> MemoryShare:
         # LoHa holds two pairs of a LoRA's size; LoKr less than one (counted as one); DoRA adds a vector per layer
         trained = counts["lora_per_rank"] * cfg.lora_rank * (2 if cfg.lora_type == "loha" else 1)

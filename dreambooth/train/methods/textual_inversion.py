@@ -11,7 +11,7 @@ from typing import Any
 from ...atomic import clean_stale_temps, fault_point
 from ...config import TrainConfig
 from ...errors import UserError
-from ..embedding import EmbeddingSettings, TextualInversion, save_embedding
+from ..embedding import EmbeddingSettings, TextualInversion, prompt_pattern, save_embedding
 from .base import MemoryShare, ParamGroup, SavePoint, TrainingMethod, Weights, add_size, cpu_copies, tensor_bytes
 
 KEY = "embedding"  # the resume state's file
@@ -23,8 +23,34 @@ class TextualInversionMethod(TrainingMethod):
     trains_conditioning = True  # the new word's vectors go through the text encoders every step
 
     @classmethod
+    def default_settings(cls) -> dict[str, Any]:
+        """The WebUI's own Train tab: embedding learning rate 0.005, and AdamW without weight decay (the vectors are
+        all that trains; decay would only pull the new word towards zero)."""
+        return {"learning_rate": 5e-3, "weight_decay": 0.0}
+
+    @classmethod
     def memory(cls, cfg: TrainConfig, counts: Mapping[str, Any]) -> MemoryShare:
         return MemoryShare(trained=TOKEN_WIDTH * cfg.embedding_vectors, text_encoders=True)
+
+    @classmethod
+    def check_prompts(cls, cfg: TrainConfig, prompts: list[str]) -> list[str]:
+        """The word must be in the training prompts: its vectors get gradients only from the prompts that hold it."""
+        word = cfg.embedding_token
+        if not word:
+            raise UserError("textual inversion needs the word to train", "set 'Embedding word', e.g. zwx-style")
+        pattern = prompt_pattern(EmbeddingSettings.from_config(cfg).names)  # also checks the word itself
+        found = sum(1 for p in prompts if pattern.search(p))
+        if found:
+            return [] if found == len(prompts) else [
+                f"the embedding word {word!r} is in {found} of the {len(prompts)} training prompts; the images of the "
+                "others train nothing"]
+        distinct = list(dict.fromkeys(prompts))
+        shown = ", ".join(repr(p) for p in distinct[:3]) + (f" and {len(distinct) - 3} more" if len(distinct) > 3
+                                                           else "")
+        raise UserError(f"the embedding word {word!r} is in none of the training prompts ({shown}): textual "
+                        "inversion would train nothing",
+                        f"put {word!r} into the instance prompt (e.g. 'a photo of {word}'), the captions or the "
+                        "instance token")
 
     def text_encoder_steps(self, planned: int) -> int:
         return 0  # the text encoders stay frozen; gradients reach only the new vectors
