@@ -20,6 +20,7 @@ from dreambooth.train.loop import RunOptions, Trainer
 
 from .matrix import Case
 from .measure import Enough, StepClock
+from .memory import Roles
 from .models import concept
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class TimedTrainer(Trainer):
         super().__init__(model, options)
 
     def _optimizer_step(self, group: list) -> None:
+        self.clock.roles = self._roles
         self.clock.before_step()
         super()._optimizer_step(group)
         if self.clock.after_step():
@@ -73,6 +75,13 @@ class TimedTrainer(Trainer):
 
     def _end_of_epoch(self) -> None:
         """A benchmark measures steps: no previews, saves or pauses between epochs."""
+
+    def _roles(self) -> Roles:
+        m = self.models
+        modules = [m.unet, m.vae, *m.text_encoders, *(a for a in (self.network, self.embedding, self.hypernetwork)
+                                                      if a is not None)]
+        offloaded = list(self.offloader.offloaded) if self.offloader is not None else []
+        return Roles(modules, list(self.trained_params), self.optimizer, offloaded)
 
 
 def run_ours(md: ModelDir, case: Case, overrides: dict[str, object], images: Path, device: torch.device,

@@ -51,18 +51,63 @@ def stochastic_round(value: torch.Tensor, generator: torch.Generator | None = No
     distance from the lower one over the gap, so ``E[stochastic_round(x)] == x``. Deterministic given the
     generator's state (the random bits are drawn on the generator's device, which must be ``value``'s).
     """
-    value = value.detach().float().contiguous()
+    copy = value.detach().to(torch.float32, copy=True)  # a dense layout (channels-last) stays as it is
+    flat = in_memory_order(copy)
+    noise = torch.empty(flat.shape, dtype=torch.int32, device=flat.device).random_(0, 1 << 16, generator=generator)
+    _round_in_place(flat, noise)
+    return copy.to(torch.bfloat16)
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill its memory with no gaps: contiguous in the standard or channels-last order."""
+    return t.is_contiguous() or t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def in_memory_order(t: torch.Tensor) -> torch.Tensor:
+    """The elements of the dense ``t`` as a flat view, in the order they lie in memory (the order random bits are
+    drawn in, so a parameter's rounding does not depend on how it is copied)."""
+    return t.as_strided((t.numel(),), (1,))
+
+
+def _round_in_place(value: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``value`` (contiguous fp32) becomes exactly bf16-representable: plus ``noise`` (16 random bits per element)
+    below bf16's mantissa, then the low 16 bits cleared. Two in-place passes. A carry out of the mantissa is the
+    round-up it stands for (up to inf above bf16's largest value); inf has zero low bits and stays inf."""
     bits = value.view(torch.int32)
-    noise = torch.randint(0, 1 << 16, value.shape, generator=generator, dtype=torch.int32, device=value.device)
-    finite = torch.isfinite(value)
-    rounded = (bits + noise) & -65536  # keep sign, exponent and the 7 bf16 mantissa bits
-    rounded = torch.where(finite, rounded, bits)  # inf / nan pass through (truncated below)
-    return rounded.view(torch.float32).to(torch.bfloat16)
+    bits.add_(noise)
+    bits.bitwise_and_(-65536)  # keep sign, exponent and the 7 bf16 mantissa bits
+    return value
+
+
+@torch.no_grad()
+def stochastic_write_back(params: list[torch.Tensor], flat: torch.Tensor, seeds: list[int]) -> None:
+    """Each bf16 ``params[i]`` gets its fp32 value, the i-th slice of the contiguous ``flat`` (in order, each the
+    parameter's size and in its memory order), stochastically rounded with the random stream seeded ``seeds[i]``:
+    the same bits as :func:`stochastic_round` of each with that seed's generator, with one pass of arithmetic over
+    the whole group instead of a few per parameter."""
+    noise = torch.empty(flat.shape, dtype=torch.int32, device=flat.device)
+    generator = torch.Generator(device=flat.device)
+    offset = 0
+    for p, seed in zip(params, seeds, strict=True):
+        generator.manual_seed(seed)  # each parameter's own stream
+        noise[offset:offset + p.numel()].random_(0, 1 << 16, generator=generator)
+        offset += p.numel()
+    _round_in_place(flat, noise)
+    del noise
+    offset = 0
+    for p in params:
+        p.copy_(flat[offset:offset + p.numel()].as_strided(p.shape, p.stride()))  # exact: a bf16 value now
+        offset += p.numel()
+
+
+def round_seed(seed: int, step: int, index: int) -> int:
+    """The seed of parameter ``index``'s stochastic rounding at optimizer step ``step``."""
+    return ((seed * 1_000_003 + step) * 65_537 + index) % 2**63
 
 
 def round_generator(seed: int, step: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The generator of parameter ``index``'s stochastic rounding at optimizer step ``step``, on ``device``."""
-    return torch.Generator(device=device).manual_seed(((seed * 1_000_003 + step) * 65_537 + index) % 2**63)
+    return torch.Generator(device=device).manual_seed(round_seed(seed, step, index))
 
 
 class WeightPrecision:
@@ -100,7 +145,14 @@ class WeightPrecision:
         if self.mode == "bf16_master":
             param.copy_(updated)
         else:
-            param.copy_(stochastic_round(updated, round_generator(self.seed, self.step, index, param.device)))
+            param.copy_(stochastic_round(updated, self.generator(index, param.device)))
+
+    def generator(self, index: int, device: torch.device) -> torch.Generator:
+        """The random stream of parameter ``index``'s stochastic rounding at this step."""
+        return round_generator(self.seed, self.step, index, device)
+
+    def round_seed(self, index: int) -> int:
+        return round_seed(self.seed, self.step, index)
 
     @contextmanager
     def full_precision(self, params: Iterable[torch.nn.Parameter] | None = None) -> Iterator[None]:
