@@ -261,4 +261,5 @@ def run_baseline(working: Path, case: Case, settings: BaselineSettings, images: 
         last_loss = loss.detach().item()  # the recipes' progress bar: one host sync per step
         if clock.after_step():
             break
-    return {**clock.result(case.batch), "last_loss": last_loss, "notes": notes}
+    return {**clock.result(case.batch), "last_loss": last_loss, "notes": notes,
+            "optimizer_ran": "adamw_8bit" if settings.eight_bit_adam else "adamw"}

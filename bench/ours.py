@@ -84,6 +84,14 @@ class TimedTrainer(Trainer):
         return Roles(modules, list(self.trained_params), self.optimizer, offloaded)
 
 
+def optimizer_ran(optimizer: torch.optim.Optimizer) -> str:
+    """The optimizer that really updates the weights (inside a ParamwiseOptimizer: its buckets'), by class name."""
+    buckets = getattr(optimizer, "buckets", None)
+    inner = buckets[0].optimizer if buckets else optimizer
+    name = type(inner).__name__
+    return {"AdamW": "adamw", "AdamW8bit": "adamw_8bit"}.get(name, name) + (" (per bucket)" if buckets else "")
+
+
 def run_ours(md: ModelDir, case: Case, overrides: dict[str, object], images: Path, device: torch.device,
              clock: StepClock) -> dict:
     """Train ``md`` with the case's shape and ``overrides`` until ``clock`` has its steps; the timing and notes."""
@@ -106,10 +114,11 @@ def run_ours(md: ModelDir, case: Case, overrides: dict[str, object], images: Pat
             raise RuntimeError(f"the run ended after {clock.done} steps, before the clock had its steps")
         pending = getattr(trainer, "pending_losses", [])
         last_loss = float(pending[-1][2]) if pending else trainer.status.status.get("loss")
-        notes = [f"attention {trainer.attention}", f"optimizer {type(trainer.optimizer).__name__}"]
+        notes = [f"attention {trainer.attention}", f"optimizer {optimizer_ran(trainer.optimizer)}"]
         if trainer.status.status.get("note"):
             notes.append(str(trainer.status.status["note"]))
-        return {**clock.result(case.batch), "last_loss": last_loss, "notes": notes}
+        return {**clock.result(case.batch), "last_loss": last_loss, "notes": notes,
+                "optimizer_ran": optimizer_ran(trainer.optimizer)}
     finally:
         trainer.controls.close()
         trainer.status.close()

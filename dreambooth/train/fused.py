@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from .precision import WeightPrecision, is_dense, stochastic_write_back
+from .precision import WeightPrecision, is_dense, padded_size, stochastic_write_back
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
             if chunk:
                 self._add_bucket(chunk, face, settings, make)
         self.fused = False  # install_fused_step: each bucket is updated inside backward, once its gradients are done
+        self._scratch: dict[tuple[str, torch.device], torch.Tensor] = {}
 
     def _add_bucket(self, chunk: list, face: dict, settings: dict,
                     make: Callable[[list[dict]], torch.optim.Optimizer]) -> None:
@@ -117,6 +118,18 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
         self.buckets.append(bucket)
         for p in params:
             self.bucket_of[p] = bucket
+
+    def scratch(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A flat buffer of at least ``numel`` elements, kept between buckets and steps: the bucket updates reuse one
+        largest-bucket's worth of memory instead of fresh memory each time (page faults and zeroing on a CPU)."""
+        key = (name, torch.device(device))
+        buffer = self._scratch.get(key)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+            buffer = self._scratch[key] = torch.empty(max(numel, self.largest_bucket()), dtype=dtype, device=device)
+        return buffer[:numel]
+
+    def largest_bucket(self) -> int:
+        return max(sum(padded_size(p.numel()) for p in b.params) for b in self.buckets)
 
     def _slot(self, p: torch.nn.Parameter) -> torch.Tensor:
         if self.stochastic:
@@ -158,20 +171,23 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
         if chosen[0][1] is chosen[0][0]:  # fp32 weights: the slots are the parameters
             bucket.optimizer.step()
             return
-        if self.stochastic and not all(is_dense(p) for p, _, _ in chosen):  # no flat copy of a strided view
+        if not all(is_dense(p) and is_dense(p.grad) for p, _, _ in chosen):  # no flat copy of a strided view
             for p, _, _ in chosen:
                 self.step_param(p)
             return
         params, slots, indices = (list(x) for x in zip(*chosen, strict=True))
-        sizes = [p.numel() for p in params]
+        device = params[0].device
+        rooms = [padded_size(p.numel()) for p in params]
         flat = None
         if self.stochastic:  # the group's fp32 copies, side by side: one pass of rounding over all of them
-            flat = torch.empty(sum(sizes), dtype=torch.float32, device=params[0].device)
-            for slot, piece, p in zip(slots, flat.split(sizes), params, strict=True):
-                slot.data = piece.as_strided(p.shape, p.stride())  # the parameter's layout (channels-last too)
+            flat = self.scratch("values", sum(rooms), torch.float32, device)
+            for slot, room, p in zip(slots, flat.split(rooms), params, strict=True):
+                slot.data = room.as_strided(p.shape, p.stride())  # the parameter's layout (channels-last too)
                 slot.copy_(p.detach())
-        for slot, p in zip(slots, params, strict=True):
-            slot.grad = p.grad.to(torch.float32)
+        grads = self.scratch("grads", sum(rooms), torch.float32, device)
+        for slot, room, p in zip(slots, grads.split(rooms), params, strict=True):
+            slot.grad = room.as_strided(p.shape, p.grad.stride())
+            slot.grad.copy_(p.grad)
         bucket.optimizer.step()
         for slot in slots:
             slot.grad = None
@@ -179,7 +195,8 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
             for p, slot in zip(params, slots, strict=True):
                 p.copy_(slot)  # bf16_master: the master rounded to nearest
             return
-        stochastic_write_back(params, flat, [self.precision.round_seed(index) for index in indices])
+        stochastic_write_back(params, flat, [self.precision.round_seed(index) for index in indices],
+                              self.scratch("noise", sum(rooms) * 3 // 2, torch.int32, device))
         for slot, p in zip(slots, params, strict=True):
             slot.data = torch.empty(0, dtype=torch.float32, device=p.device)
 
