@@ -11,10 +11,11 @@ from .memory import SPLIT
 
 # every row carries every one of these keys (None where a value does not apply or was not measured)
 ROW_KEYS = ("case", "family", "method", "resolution", "batch", "lora_rank", "profile", "kind", "status", "settings",
-            "notes", "optimizer_ran", "samples_per_s", "step_time_s", "step_time_min_s", "step_time_max_s", "peak_allocated_bytes",
-            "peak_reserved_bytes", "peak_tensor_bytes", *(f"peak_{part}_bytes" for part in SPLIT),
-            "max_other_bytes", "step_start_tensor_bytes", "offloaded_bytes", "time_to_first_step_s", "flops_per_sample",
-            "flops_counted_on", "mfu", "mfu_datasheet", "last_loss", "warmup_steps", "measured_steps")
+            "notes", "optimizer_ran", "samples_per_s", "step_time_s", "step_time_min_s", "step_time_max_s",
+            "peak_allocated_bytes", "peak_reserved_bytes", "peak_tensor_bytes",
+            *(f"peak_{part}_bytes" for part in SPLIT), "max_other_bytes", "step_start_tensor_bytes", "offloaded_bytes",
+            "time_to_first_step_s", "flops_per_sample", "flops_counted_on", "mfu", "mfu_datasheet", "last_loss",
+            "warmup_steps", "measured_steps")
 
 
 def add_mfu(row: dict, peak_flops: float, datasheet_flops: float | None) -> None:
