@@ -53,13 +53,14 @@ MATRICES: dict[str, Matrix] = {
     "cpu": Matrix("tiny", tuple(Case(f, m, 64, b, ALL, lora_rank=4)
                                 for f in ("sd1", "sd2v", "sdxl") for m in ("dreambooth", "lora") for b in (1, 2))),
     # the full-size architectures on the CPU: real memory per profile (256 px, and 384 px for the fit of the
-    # estimate's activations, memory only), and speed against the recipe at 256 px; SDXL LoRA at 256 px
+    # estimate's activations, memory only: one row per activation class), and speed against the recipe at 256 px;
+    # SDXL LoRA at 256 px
     "cpu-full": Matrix("full", (
         Case("sd1", "dreambooth", 256, 1, ALL),
         Case("sd1", "lora", 256, 1, ALL),
-        Case("sd1", "dreambooth", 384, 1, OURS_PROFILES, memory_only=True),
-        Case("sd1", "lora", 384, 1, OURS_PROFILES, memory_only=True),
-        Case("sdxl", "lora", 256, 1, ("ours-default", "ours-lowmem", "baseline-lowmem")),
+        Case("sd1", "dreambooth", 384, 1, ("ours-default", "ours-lowmem", "ours-fast"), memory_only=True),
+        Case("sd1", "lora", 384, 1, ("ours-default", "ours-lowmem", "ours-fast"), memory_only=True),
+        Case("sdxl", "lora", 256, 1, ("ours-lowmem", "baseline-lowmem")),
     ), isolate=True, images_per_slot=1),
     # full-size architectures with random weights; covers every target of the issue
     "gpu": Matrix("full", (

@@ -41,9 +41,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="gpu (full-size models), cpu-full (full-size models on the CPU), cpu (tiny models, every "
                         "family), cpu-smoke (the quick sentinel); default: gpu on a GPU, cpu-smoke on the CPU")
     p.add_argument("--out", type=Path, default=Path("bench_results.json"), help="where the JSON goes")
-    p.add_argument("--steps", type=int, default=None, help="measured optimizer steps per row (10; cpu-full: 3)")
+    p.add_argument("--steps", type=int, default=None, help="measured optimizer steps per row (10; cpu-full: 2)")
     p.add_argument("--warmup", type=int, default=None,
                    help="warm-up steps per row, the last one tracked for memory (3; cpu-full: 2; at least 2)")
+    p.add_argument("--memory-only", action="store_true",
+                   help="no timed steps: only the warm-up steps and the memory of the last one (every row)")
     p.add_argument("--repeat", type=int, default=1,
                    help="run every row this many times, interleaved (row A, B, ..., A, B, ...): the speed is the "
                         "median, the ratios' spread over the rounds shows the noise")
@@ -121,20 +123,25 @@ def plan(matrix: Matrix, eight_bit: bool) -> tuple[list[tuple[Case, str]], list[
 
     Each of our timed rows is paired with the recipe run with its gradient checkpointing, mixed precision and
     optimizer: a baseline row of the case with those already, else a ``baseline-as-<ours row>`` row added for it.
+    A pair's rows run one right after the other (the machine's load drifts less between them).
     """
     rows: list[tuple[Case, str]] = []
     pairs: list[tuple[str, str, str]] = []
     for case in matrix.cases:
-        profiles = list(case.profiles)
-        if not case.memory_only and any(p in BASELINE_VARIANTS for p in profiles):
-            keys = {baseline_settings(p, eight_bit).like_key(): p for p in profiles if p in BASELINE_VARIANTS}
-            for ours in [p for p in case.profiles if p not in BASELINE_VARIANTS]:
-                key = baseline_settings(LIKE_PREFIX + ours, eight_bit).like_key()
-                if key not in keys:
-                    keys[key] = LIKE_PREFIX + ours
-                    profiles.append(LIKE_PREFIX + ours)
-                pairs.append((case.key, ours, keys[key]))
-        rows += [(case, p) for p in profiles]
+        ours_rows = [p for p in case.profiles if p not in BASELINE_VARIANTS]
+        recipes = [p for p in case.profiles if p in BASELINE_VARIANTS]
+        if case.memory_only or not recipes:
+            rows += [(case, p) for p in case.profiles]
+            continue
+        keys = {baseline_settings(p, eight_bit).like_key(): p for p in recipes}
+        order: list[str] = []
+        for ours in ours_rows:
+            key = baseline_settings(LIKE_PREFIX + ours, eight_bit).like_key()
+            keys.setdefault(key, LIKE_PREFIX + ours)
+            pairs.append((case.key, ours, keys[key]))
+            order += [p for p in (ours, keys[key]) if p not in order]
+        order += [p for p in recipes if p not in order]
+        rows += [(case, p) for p in order]
     return rows, pairs
 
 
@@ -205,7 +212,8 @@ class Bench:
             extra = [self.eight_bit_why] if profile == "baseline-lowmem" and not self.eight_bit else []
             run = lambda clock: run_baseline(md.working, case, settings, images, self.device, clock)  # noqa: E731
         free_memory(self.device)
-        clock = StepClock(self.device, self.warmup, 0 if case.memory_only else self.args.steps)
+        memory_only = case.memory_only or self.args.memory_only
+        clock = StepClock(self.device, self.warmup, 0 if memory_only else self.args.steps)
         try:
             with exclusive(self.args.lock):
                 measured = run(clock)
@@ -236,7 +244,7 @@ def run_isolated(args: argparse.Namespace, device: torch.device, matrix_name: st
     cmd = [sys.executable, "-m", "bench", "--device", str(device), "--matrix", matrix_name, "--row",
            f"{case.key} {profile}", "--steps", str(args.steps), "--warmup", str(args.warmup), "--workdir",
            str(workdir), "--out", str(out), "--no-isolate"]
-    cmd += ["--compile"] * args.compile + ["-v"] * args.verbose
+    cmd += ["--compile"] * args.compile + ["-v"] * args.verbose + ["--memory-only"] * args.memory_only
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     root = Path(__file__).resolve().parent.parent
@@ -293,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     matrix_name = args.matrix or ("gpu" if device.type == "cuda" else "cpu-smoke")
     matrix = MATRICES[matrix_name]
     full_cpu = matrix.size == "full" and device.type == "cpu"
-    args.steps = args.steps or (3 if full_cpu else 10)
+    args.steps = args.steps or (2 if full_cpu else 10)
     args.warmup = max(args.warmup or (2 if matrix.images_per_slot == 1 else 3), 2)
     isolate = matrix.isolate if args.isolate is None else args.isolate
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dreambooth-bench-"))
