@@ -19,13 +19,13 @@ from pathlib import Path
 from dreambooth.atomic import write_json
 from dreambooth.config import TrainConfig
 from dreambooth.profiles import (
-    BUCKET_ELEMENTS,
     MEASURED_FILE,
     PARAMS,
     UPDATE_SCRATCH_BYTES,
     activation_class,
     estimate_memory,
     memory_signature,
+    update_bucket,
 )
 
 from .matrix import Case
@@ -50,7 +50,7 @@ def _scratch(cfg: TrainConfig) -> float:
         return 0.0
     counts = PARAMS[cfg.family]
     trained = counts["lora_per_rank"] * cfg.lora_rank if cfg.method == "lora" else counts["unet"]
-    return UPDATE_SCRATCH_BYTES[cfg.weight_precision] * min(max(BUCKET_ELEMENTS, counts["largest"]), trained)
+    return UPDATE_SCRATCH_BYTES[cfg.weight_precision] * min(update_bucket(cfg, counts), trained)
 
 
 def tracked_rows(results: list[dict]) -> list[dict]:

@@ -136,14 +136,21 @@ def format_table(result: dict) -> str:
             f"  {notes}")
     tracked = [r for r in result["rows"] if r["status"] == "ok" and r["peak_tensor_bytes"] is not None]
     if tracked:
-        lines += ["", "peak tensor memory during one step (the last warm-up step), GB; offloaded modules not counted:",
+        big = max(r["peak_tensor_bytes"] for r in tracked) >= 1e9
+        unit, scale = ("GB", 1e9) if big else ("MB", 1e6)
+
+        def _mem(n: int | None) -> str:
+            return "n/a" if n is None else f"{n / scale:.2f}"
+
+        lines += ["", f"peak tensor memory during one step (the last warm-up step), {unit}; offloaded modules not "
+                      "counted:",
                   f"{'case':<24} {'profile':<23} {'peak':>7} {'weights':>8} {'grads':>7} {'optim':>7} {'other':>7} "
                   f"{'max other':>9} {'offloaded':>9}"]
         for r in tracked:
-            lines.append(f"{r['case']:<24} {r['profile']:<23} {_gb(r['peak_tensor_bytes']):>7} "
-                         f"{_gb(r['peak_weights_bytes']):>8} {_gb(r['peak_gradients_bytes']):>7} "
-                         f"{_gb(r['peak_optimizer_state_bytes']):>7} {_gb(r['peak_other_bytes']):>7} "
-                         f"{_gb(r['max_other_bytes']):>9} {_gb(r['offloaded_bytes']):>9}")
+            lines.append(f"{r['case']:<24} {r['profile']:<23} {_mem(r['peak_tensor_bytes']):>7} "
+                         f"{_mem(r['peak_weights_bytes']):>8} {_mem(r['peak_gradients_bytes']):>7} "
+                         f"{_mem(r['peak_optimizer_state_bytes']):>7} {_mem(r['peak_other_bytes']):>7} "
+                         f"{_mem(r['max_other_bytes']):>9} {_mem(r['offloaded_bytes']):>9}")
     for title, entries in (("ours / baseline (same case, same run):", result["ratios"]),
                            ("like for like: ours / the recipe with the same gradient checkpointing, mixed precision "
                             "and optimizer (same run):", result["like_for_like"])):

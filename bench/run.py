@@ -61,6 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                               "deleted at the end)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # "<case> <profile>": one row (isolated runs)
+    p.add_argument("--write-model", default=None, help=argparse.SUPPRESS)  # a family's random model, then exit
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.steps is not None and args.steps < 1:
@@ -155,8 +156,10 @@ def baseline_settings(profile: str, eight_bit: bool) -> BaselineSettings:
 class Bench:
     """One run: the models and images it shares between rows, and the rows it has measured."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device, matrix: Matrix, workdir: Path) -> None:
+    def __init__(self, args: argparse.Namespace, device: torch.device, matrix_name: str, workdir: Path) -> None:
+        matrix = MATRICES[matrix_name]
         self.args, self.device, self.matrix, self.workdir = args, device, matrix, workdir
+        self.matrix_name = matrix_name
         self.size = matrix.size
         self.models: dict[str, object] = {}
         self.images: dict[tuple[int, int], Path] = {}
@@ -164,13 +167,27 @@ class Bench:
         self.eight_bit, self.eight_bit_why = eight_bit_status(device)
         self.warmup = max(args.warmup, 2)  # the last warm-up step is tracked for memory, after a first full step
 
-    def model(self, family: str):
+    def model(self, family: str, in_child: bool = False):
+        """The random model of ``family`` (written once). ``in_child``: written by a process of its own, so the
+        memory of building it (10 GB for SDXL) is not kept by this one while the rows run."""
         if family not in self.models:
             started = time.perf_counter()
-            with exclusive(self.args.lock):
+            if in_child:
+                with exclusive(self.args.lock):
+                    subprocess.run(self._child_command("--write-model", family), check=True,
+                                   cwd=Path(__file__).resolve().parent.parent, env=child_env())
+            with exclusive(self.args.lock if not in_child else None):
                 self.models[family] = write_random_model(self.workdir / "models", family, self.size)
             log.info("random %s %s model ready in %.1f s", self.size, family, time.perf_counter() - started)
         return self.models[family]
+
+    def _child_command(self, *extra: str) -> list[str]:
+        args = self.args
+        cmd = [sys.executable, "-m", "bench", "--device", str(self.device), "--matrix", self.matrix_name,
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--workdir", str(self.workdir),
+               "--no-isolate", *extra]
+        cmd += ["--compile"] * args.compile + ["-v"] * args.verbose + ["--memory-only"] * args.memory_only
+        return cmd + (["--threads", str(args.threads)] if args.threads else [])
 
     def image_folder(self, resolution: int, batch: int) -> Path:
         key = (resolution, batch)
@@ -236,22 +253,23 @@ class Bench:
         return row
 
 
-def run_isolated(args: argparse.Namespace, device: torch.device, matrix_name: str, workdir: Path, case: Case,
-                 profile: str) -> dict:
-    """One row in a fresh process (``python -m bench --row``), under the lock: all its memory comes back after."""
-    out = workdir / "row.json"
-    out.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "bench", "--device", str(device), "--matrix", matrix_name, "--row",
-           f"{case.key} {profile}", "--steps", str(args.steps), "--warmup", str(args.warmup), "--workdir",
-           str(workdir), "--out", str(out), "--no-isolate"]
-    cmd += ["--compile"] * args.compile + ["-v"] * args.verbose + ["--memory-only"] * args.memory_only
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
+def child_env() -> dict[str, str]:
+    """This process's environment for a child ``python -m bench`` run from the repository root (the parent holds
+    the lock while the child runs)."""
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    env.pop(LOCK_ENV, None)  # the parent holds the lock while the child runs
-    with exclusive(args.lock):
-        done = subprocess.run(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL if not args.verbose else None)
+    env.pop(LOCK_ENV, None)
+    return env
+
+
+def run_isolated(bench: Bench, case: Case, profile: str) -> dict:
+    """One row in a fresh process (``python -m bench --row``), under the lock: all its memory comes back after."""
+    out = bench.workdir / "row.json"
+    out.unlink(missing_ok=True)
+    cmd = bench._child_command("--row", f"{case.key} {profile}", "--out", str(out))
+    with exclusive(bench.args.lock):
+        done = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, env=child_env(),
+                              stdout=subprocess.DEVNULL if not bench.args.verbose else None)
     if done.returncode == 0 or out.is_file():
         rows = json.loads(out.read_text(encoding="utf-8"))["rows"]
         if rows:
@@ -306,7 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     isolate = matrix.isolate if args.isolate is None else args.isolate
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dreambooth-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    bench = Bench(args, device, matrix, workdir)
+    bench = Bench(args, device, matrix_name, workdir)
+    if args.write_model is not None:
+        write_random_model(workdir / "models", args.write_model, matrix.size)
+        return 0
     rows_planned, pairs = plan(matrix, bench.eight_bit)
     if args.row is not None:  # one row, in this process (the parent of an isolated run reads the JSON)
         todo = [(c, p) for c, p in rows_planned if f"{c.key} {p}" == args.row]
@@ -324,13 +345,13 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[tuple[str, str], list[dict]] = {}
     try:
         for family in dict.fromkeys(c.family for c, _ in todo):
-            bench.model(family)  # written once, before any row (isolated rows find them)
+            bench.model(family, in_child=isolate)  # written once, before any row (isolated rows find them)
         for round_ in range(args.repeat):
             for case, profile in todo:
                 log.info("running %s %s (round %d)", case.key, profile, round_ + 1)
                 if isolate:
                     bench.image_folder(case.resolution, case.batch)
-                    row = run_isolated(args, device, matrix_name, workdir, case, profile)
+                    row = run_isolated(bench, case, profile)
                 else:
                     row = bench.row(case, profile)
                 runs.setdefault((case.key, profile), []).append(row)

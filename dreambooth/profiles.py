@@ -236,7 +236,7 @@ def _parts(cfg: TrainConfig, sig: dict[str, Any], counts: dict[str, Any], device
     else:
         trained = (counts["unet"] if cfg.train_unet else 0) + (te_params if sig["text_encoder_trains"] else 0)
     paramwise = cfg.weight_precision != "fp32" or cfg.fused_backward_step
-    bucket = max(BUCKET_ELEMENTS, counts.get("largest", 0))
+    bucket = update_bucket(cfg, counts)
     parts: dict[str, float] = {
         "unet": counts["unet"] * wb,
         "vae": counts["vae"] * wb if sig["vae_on_device"] else 0,
@@ -259,6 +259,13 @@ def _parts(cfg: TrainConfig, sig: dict[str, Any], counts: dict[str, Any], device
     weights_16_under_autocast = sig["compute"] != "fp32" and wb == 4 and cfg.method == "dreambooth"
     parts["_autocast_copies"] = 2 * trained if weights_16_under_autocast else 0
     return parts, []
+
+
+def update_bucket(cfg: TrainConfig, counts: dict[str, Any]) -> int:
+    """Elements of the largest bucket of the per-bucket update (fused.py): at least BUCKET_ELEMENTS, or the largest
+    trained parameter (full training's largest convolution; an adapter's are small)."""
+    largest = counts.get("largest", 0) if cfg.method == "dreambooth" else 0
+    return max(BUCKET_ELEMENTS, largest)
 
 
 def _fused_adamw(device_type: str) -> bool:

@@ -368,7 +368,7 @@ def test_bucketed_updates_are_the_updates_of_each_parameter_alone(mode):
         precision.cast_modules([], params)
         optimizers.append(ParamwiseOptimizer([{"params": params[:3], "lr": 0.1}, {"params": params[3:], "lr": 0.2}],
                                              lambda g: torch.optim.AdamW(g, lr=0.1, foreach=False), precision,
-                                             bucket_elements=8))
+                                             bucket_elements=12))
     bucketed, one_by_one = optimizers
     assert 2 < len(bucketed.buckets) < len(shapes)  # several buckets, some with several parameters
     assert [id(p) for b in bucketed.buckets for p in b.params] == [id(p) for p in copies[0]]  # each once, in order
@@ -395,7 +395,7 @@ def test_fused_buckets_update_inside_backward_and_the_step_finishes_the_rest():
     unused = torch.nn.Parameter(torch.randn(4))  # gets no gradient: its bucket cannot complete in backward
     twins = [torch.nn.Parameter(p.detach().clone()) for p in [*used, unused]]
     fused = ParamwiseOptimizer([{"params": [*used, unused], "lr": 0.1}], lambda g: torch.optim.AdamW(g, lr=0.1),
-                               WeightPrecision("fp32", 0), bucket_elements=20)
+                               WeightPrecision("fp32", 0), bucket_elements=32)
     assert [len(b.params) for b in fused.buckets] == [2, 2]
     install_fused_step(fused)
     plain = torch.optim.AdamW(twins, lr=0.1)

@@ -11,7 +11,7 @@ updated through a *slot*:
 * a holder whose data is a transient fp32 copy of the weight (``bf16_stochastic``): the update is computed in
   fp32, written back with stochastic rounding, and the copy is dropped.
 
-The parameters are split into *buckets* of consecutive parameters of one param group, each at least
+The parameters are split into *buckets* of consecutive parameters of one param group, each at most
 :data:`BUCKET_ELEMENTS` elements (or one parameter, if larger), with an inner optimizer over the bucket's slots:
 an update is a few multi-tensor kernels per bucket (and the fp32 copies of one bucket at a time), not a few
 launches and a Python optimizer step per parameter. The updates are the ones :meth:`step_param` makes one parameter
@@ -99,11 +99,11 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
                 opt = make([{**settings, "params": [slot]}])  # step_param's: one parameter
                 opt.state = self.state  # one state for all: state_dict holds everything, in the ordinary format
                 self.inner[p] = (opt, face, slot, index)
+                if chunk and sum(q.numel() for q, _, _ in chunk) + p.numel() > bucket_elements:
+                    self._add_bucket(chunk, face, settings, make)  # no bucket outgrows max(limit, one parameter)
+                    chunk = []
                 chunk.append((p, slot, index))
                 index += 1
-                if sum(q.numel() for q, _, _ in chunk) >= bucket_elements:
-                    self._add_bucket(chunk, face, settings, make)
-                    chunk = []
             if chunk:
                 self._add_bucket(chunk, face, settings, make)
         self.fused = False  # install_fused_step: each bucket is updated inside backward, once its gradients are done
