@@ -38,10 +38,11 @@ def test_harness_runs_ours_and_baseline_and_writes_every_column(tmp_path, capsys
         assert split == row["peak_tensor_bytes"] and row["peak_other_bytes"] >= 0
         assert row["last_loss"] is not None and row["last_loss"] > 0
     assert rows["ours-default"]["flops_per_sample"] == rows["baseline-default"]["flops_per_sample"]
-    # the 6 GB profile keeps no gradient buffer (fused step) and stores bf16 weights: both show in the split
+    # the 6 GB profile stores bf16 weights and gradients and offloads the VAE and text encoder: the split shows it
+    # (a tiny UNet is one bucket of the fused step: its gradients all wait for the bucket, in bf16)
     low, default = rows["ours-lowmem"], rows["ours-default"]
-    assert low["peak_gradients_bytes"] < default["peak_gradients_bytes"] / 4
-    assert low["peak_weights_bytes"] < default["peak_weights_bytes"]
+    assert low["peak_gradients_bytes"] <= default["peak_gradients_bytes"] / 2
+    assert low["peak_weights_bytes"] < default["peak_weights_bytes"] and low["offloaded_bytes"] > 0
     assert result["device"]["measured_peak_flops"] > 0
     assert [(r["ours"], r["samples_per_s"]) for r in result["ratios"]] == [
         (p, pytest.approx(rows[p]["samples_per_s"] / rows["baseline-default"]["samples_per_s"]))
@@ -92,10 +93,10 @@ def test_case_keys_name_what_the_targets_look_for():
     assert Case("sdxl", "lora", 1024, 1, ()).key == "sdxl/lora-r32/1024/b1"
     from bench.matrix import MATRICES
 
-    gpu_keys = {c.key for c in MATRICES["gpu"][1]}
+    gpu_keys = {c.key for c in MATRICES["gpu"].cases}
     assert {t.case_key for t in TARGETS} <= gpu_keys
     for t in TARGETS:
-        case = next(c for c in MATRICES["gpu"][1] if c.key == t.case_key)
+        case = next(c for c in MATRICES["gpu"].cases if c.key == t.case_key)
         assert t.profile in case.profiles and (t.versus is None or t.versus in case.profiles)
 
 
