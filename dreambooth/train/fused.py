@@ -106,6 +106,10 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
                 index += 1
             if chunk:
                 self._add_bucket(chunk, face, settings, make)
+        for bucket in self.buckets:  # the inner optimizers' kernel flags (fused AdamW): loading a state puts each
+            for key in ("fused", "capturable"):  # "step" where that kernel wants it (on the GPU for fused)
+                if key in bucket.optimizer.param_groups[0]:
+                    bucket.face.setdefault(key, bucket.optimizer.param_groups[0][key])
         self.fused = False  # install_fused_step: each bucket is updated inside backward, once its gradients are done
         self._scratch: dict[tuple[str, torch.device], torch.Tensor] = {}
 
