@@ -21,6 +21,7 @@ mixed precision and optimizer (``--mixed_precision=bf16`` and ``--use_8bit_adam`
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -240,7 +241,7 @@ def run_baseline(working: Path, case: Case, settings: BaselineSettings, images: 
         if sdxl:
             time_ids = torch.tensor([[res, res, 0, 0, res, res]] * bsz, device=device, dtype=hidden.dtype)
             added = {"text_embeds": pooled, "time_ids": time_ids}
-        with torch.autocast(device.type, dtype=autocast or torch.float16, enabled=autocast is not None):
+        with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
             pred = unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
         target = scheduler.get_velocity(latents, noise, timesteps) \
             if scheduler.config.prediction_type == "v_prediction" else noise

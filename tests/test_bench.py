@@ -38,11 +38,9 @@ def test_harness_runs_ours_and_baseline_and_writes_every_column(tmp_path, capsys
         assert split == row["peak_tensor_bytes"] and row["peak_other_bytes"] >= 0
         assert row["last_loss"] is not None and row["last_loss"] > 0
     assert rows["ours-default"]["flops_per_sample"] == rows["baseline-default"]["flops_per_sample"]
-    # the 6 GB profile stores bf16 weights and gradients and offloads the VAE and text encoder: the split shows it
-    # (a tiny UNet is one bucket of the fused step: its gradients all wait for the bucket, in bf16)
+    # the 6 GB profile stores bf16 weights and offloads the VAE and text encoder: the split shows it
     low, default = rows["ours-lowmem"], rows["ours-default"]
-    assert low["peak_gradients_bytes"] <= default["peak_gradients_bytes"] / 2
-    assert low["peak_weights_bytes"] < default["peak_weights_bytes"] and low["offloaded_bytes"] > 0
+    assert low["peak_weights_bytes"] < default["peak_weights_bytes"] / 1.5 and low["offloaded_bytes"] > 0
     assert result["device"]["measured_peak_flops"] > 0
     assert [(r["ours"], r["samples_per_s"]) for r in result["ratios"]] == [
         (p, pytest.approx(rows[p]["samples_per_s"] / rows["baseline-default"]["samples_per_s"]))

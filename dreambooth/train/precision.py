@@ -75,10 +75,16 @@ def draw_noise(out: torch.Tensor, generator: torch.Generator | None) -> None:
     _split_draws(draws, out)
 
 
+def _int32(value: int) -> torch.Tensor:
+    """A 0-dim int32 tensor (the integer ops' constants: torch 2.1 under a dispatch mode, as the benchmark's memory
+    tracker, cannot take a Python int for them)."""
+    return torch.tensor(value, dtype=torch.int32)
+
+
 def _split_draws(draws: torch.Tensor, out: torch.Tensor) -> None:
     pairs = out.view(-1, 2)
-    torch.bitwise_and(draws, 0xFFFF, out=pairs[:, 0])
-    torch.bitwise_right_shift(draws, 15, out=pairs[:, 1])  # bit 31 of a draw is 0: this is 16 bits already
+    torch.bitwise_and(draws, _int32(0xFFFF), out=pairs[:, 0])
+    torch.bitwise_right_shift(draws, _int32(15), out=pairs[:, 1])  # bit 31 of a draw is 0: 16 bits already
 
 
 def is_dense(t: torch.Tensor) -> bool:
@@ -98,7 +104,7 @@ def _round_in_place(value: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     round-up it stands for (up to inf above bf16's largest value); inf has zero low bits and stays inf."""
     bits = value.view(torch.int32)
     bits.add_(noise)
-    bits.bitwise_and_(-65536)  # keep sign, exponent and the 7 bf16 mantissa bits
+    bits.bitwise_and_(_int32(-65536))  # keep sign, exponent and the 7 bf16 mantissa bits
     return value
 
 
