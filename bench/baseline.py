@@ -241,6 +241,7 @@ def run_baseline(working: Path, case: Case, settings: BaselineSettings, images: 
         if sdxl:
             time_ids = torch.tensor([[res, res, 0, 0, res, res]] * bsz, device=device, dtype=hidden.dtype)
             added = {"text_embeds": pooled, "time_ids": time_ids}
+        # (no disabled autocast context: torch 2.1 refuses fp16 CPU autocast even when it is not enabled)
         with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
             pred = unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
         target = scheduler.get_velocity(latents, noise, timesteps) \

@@ -57,8 +57,8 @@ MATRICES: dict[str, Matrix] = {
     # SDXL LoRA at 256 px
     "cpu-full": Matrix("full", (
         Case("sd1", "dreambooth", 256, 1, ALL),
-        Case("sd1", "lora", 256, 1, ALL),
         Case("sd1", "dreambooth", 384, 1, ("ours-default", "ours-lowmem", "ours-fast"), memory_only=True),
+        Case("sd1", "lora", 256, 1, ALL),
         Case("sd1", "lora", 384, 1, ("ours-default", "ours-lowmem", "ours-fast"), memory_only=True),
         Case("sdxl", "lora", 256, 1, ("ours-lowmem", "baseline-lowmem")),
     ), isolate=True, images_per_slot=1),

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dreambooth.compat import is_out_of_memory
+from dreambooth.platform_compat import peak_rss_bytes
 
 from .memory import LiveTensorTracker, Roles
 
@@ -134,18 +135,7 @@ def peak_memory(device: torch.device) -> dict:
     if device.type == "cuda":
         return {"peak_allocated_bytes": torch.cuda.max_memory_allocated(device),
                 "peak_reserved_bytes": torch.cuda.max_memory_reserved(device)}
-    return {"peak_allocated_bytes": None, "peak_reserved_bytes": None, "process_peak_rss_bytes": _peak_rss()}
-
-
-def _peak_rss() -> int | None:
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    return {"peak_allocated_bytes": None, "peak_reserved_bytes": None, "process_peak_rss_bytes": peak_rss_bytes()}
 
 
 def is_oom(err: BaseException | None) -> bool:

@@ -78,8 +78,7 @@ class TimedTrainer(Trainer):
 
     def _roles(self) -> Roles:
         m = self.models
-        modules = [m.unet, m.vae, *m.text_encoders, *(a for a in (self.network, self.embedding, self.hypernetwork)
-                                                      if a is not None)]
+        modules = [m.unet, m.vae, *m.text_encoders, *self.method.added_modules()]
         offloaded = list(self.offloader.offloaded) if self.offloader is not None else []
         return Roles(modules, list(self.trained_params), self.optimizer, offloaded)
 

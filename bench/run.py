@@ -304,6 +304,68 @@ def selected(case: Case, profile: str, only: list[str]) -> bool:
     return not only or any(text in f"{case.key} {profile}" for text in only)
 
 
+def prepare(args: argparse.Namespace, device: torch.device) -> tuple[str, Matrix, bool, Path, Bench]:
+    """The matrix, its defaults (steps, warm-up, isolation) filled into ``args``, the work folder and the Bench."""
+    matrix_name = args.matrix or ("gpu" if device.type == "cuda" else "cpu-smoke")
+    matrix = MATRICES[matrix_name]
+    full_cpu = matrix.size == "full" and device.type == "cpu"
+    args.steps = args.steps or (2 if full_cpu else 10)
+    args.warmup = max(args.warmup or (2 if matrix.images_per_slot == 1 else 3), 2)
+    isolate = matrix.isolate if args.isolate is None else args.isolate
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dreambooth-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    return matrix_name, matrix, isolate, workdir, Bench(args, device, matrix_name, workdir)
+
+
+def run_matrix_within(args: argparse.Namespace, device: torch.device, budget_s: float | None = None) -> dict:
+    """Run the matrix's selected rows in order and return the result; with ``budget_s``, a row that would start
+    after the budget is spent is recorded as not run instead (the GPU check's time limit)."""
+    matrix_name, matrix, isolate, workdir, bench = prepare(args, device)
+    rows_planned, pairs = plan(matrix, bench.eight_bit)
+    started = time.perf_counter()
+    peak, how = measure_peak_flops(device)
+    name = device_name(device)
+    meta = {"matrix": matrix_name, "model_size": matrix.size, "steps": args.steps, "warmup": args.warmup,
+            "repeat": args.repeat, "isolated": isolate, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "environment": environment(device),
+            "device": {"type": device.type, "name": name, "measured_peak_flops": peak, "peak_method": how,
+                       "datasheet_peak_flops": datasheet_peak(name) if device.type == "cuda" else None}}
+    todo = [(c, p) for c, p in rows_planned if selected(c, p, args.only)]
+    runs: dict[tuple[str, str], list[dict]] = {}
+    try:
+        for round_ in range(args.repeat):
+            for case, profile in todo:
+                if budget_s is not None and time.perf_counter() - started > budget_s:
+                    row = {**{k: None for k in ROW_KEYS}, "case": case.key, "profile": profile, "notes": [],
+                           "kind": "baseline" if profile in BASELINE_VARIANTS else "ours",
+                           "status": "not run: time budget spent"}
+                elif isolate:
+                    log.info("running %s %s (round %d)", case.key, profile, round_ + 1)
+                    bench.model(case.family, in_child=True)  # written once, before its first row (rows find it)
+                    bench.image_folder(case.resolution, case.batch)
+                    row = run_isolated(bench, case, profile)
+                else:
+                    log.info("running %s %s (round %d)", case.key, profile, round_ + 1)
+                    row = bench.row(case, profile)
+                runs.setdefault((case.key, profile), []).append(row)
+                if isolate:  # a long run: the rows so far are on disk if it is stopped
+                    write_result(args.out, {**collect(meta, runs, pairs, started), "partial": True})
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    result = collect(meta, runs, pairs, started)
+    write_result(args.out, result)
+    return result
+
+
+def collect(meta: dict, runs: dict[tuple[str, str], list[dict]], pairs: list[tuple[str, str, str]],
+            started: float) -> dict:
+    """The result of the rows measured so far (a row measured in several rounds merged into one)."""
+    rows = [merge_runs(r) for r in runs.values()]
+    meta = {**meta, "wall_s": time.perf_counter() - started}
+    return build_result(meta, rows, [p for p in pairs if (p[0], p[1]) in runs and (p[0], p[2]) in runs])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -316,52 +378,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # the clock's CUDA events go on the current device's stream
-    matrix_name = args.matrix or ("gpu" if device.type == "cuda" else "cpu-smoke")
-    matrix = MATRICES[matrix_name]
-    full_cpu = matrix.size == "full" and device.type == "cpu"
-    args.steps = args.steps or (2 if full_cpu else 10)
-    args.warmup = max(args.warmup or (2 if matrix.images_per_slot == 1 else 3), 2)
-    isolate = matrix.isolate if args.isolate is None else args.isolate
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dreambooth-bench-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    bench = Bench(args, device, matrix_name, workdir)
-    if args.write_model is not None:
-        write_random_model(workdir / "models", args.write_model, matrix.size)
+    if args.write_model is not None or args.row is not None:  # a child of an isolated run
+        _, matrix, _, workdir, bench = prepare(args, device)
+        if args.write_model is not None:
+            write_random_model(workdir / "models", args.write_model, matrix.size)
+            return 0
+        todo = [(c, p) for c, p in plan(matrix, bench.eight_bit)[0] if f"{c.key} {p}" == args.row]
+        write_result(args.out, {"rows": [bench.row(c, p) for c, p in todo]})  # the parent reads the JSON
         return 0
-    rows_planned, pairs = plan(matrix, bench.eight_bit)
-    if args.row is not None:  # one row, in this process (the parent of an isolated run reads the JSON)
-        todo = [(c, p) for c, p in rows_planned if f"{c.key} {p}" == args.row]
-        write_result(args.out, {"rows": [bench.row(c, p) for c, p in todo]})
-        return 0
-    started = time.perf_counter()
-    peak, how = measure_peak_flops(device)
-    name = device_name(device)
-    meta = {"matrix": matrix_name, "model_size": matrix.size, "steps": args.steps, "warmup": args.warmup,
-            "repeat": args.repeat, "isolated": isolate, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "environment": environment(device),
-            "device": {"type": device.type, "name": name, "measured_peak_flops": peak, "peak_method": how,
-                       "datasheet_peak_flops": datasheet_peak(name) if device.type == "cuda" else None}}
-    todo = [(c, p) for c, p in rows_planned if selected(c, p, args.only)]
-    runs: dict[tuple[str, str], list[dict]] = {}
-    try:
-        for family in dict.fromkeys(c.family for c, _ in todo):
-            bench.model(family, in_child=isolate)  # written once, before any row (isolated rows find them)
-        for round_ in range(args.repeat):
-            for case, profile in todo:
-                log.info("running %s %s (round %d)", case.key, profile, round_ + 1)
-                if isolate:
-                    bench.image_folder(case.resolution, case.batch)
-                    row = run_isolated(bench, case, profile)
-                else:
-                    row = bench.row(case, profile)
-                runs.setdefault((case.key, profile), []).append(row)
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
-    rows = [merge_runs(r) for r in runs.values()]
-    meta["wall_s"] = time.perf_counter() - started
-    result = build_result(meta, rows, [p for p in pairs if (p[0], p[1]) in runs and (p[0], p[2]) in runs])
-    write_result(args.out, result)
+    result = run_matrix_within(args, device)
     print(format_table(result))
     print(f"\nwrote {args.out}")
-    return 1 if any(r["status"].startswith("error") for r in rows) else 0
+    return 1 if any(r["status"].startswith("error") for r in result["rows"]) else 0

@@ -40,7 +40,16 @@ from starlette.exceptions import HTTPException
 
 from . import jobs
 from .checkpoint_file import read_metadata
-from .config import CONFIG_VERSION, Concept, TrainConfig, config_from_dict, field_specs, load_config
+from .config import (
+    CONFIG_VERSION,
+    EMA_EXPORTS,
+    FILE_DTYPES,
+    Concept,
+    TrainConfig,
+    config_from_dict,
+    field_specs,
+    load_config,
+)
 from .errors import StoreError, UserError
 from .families import FAMILY_IDS
 from .store import ModelDir, list_models, model_dir
@@ -51,8 +60,6 @@ PREFIX = "/dreambooth"
 REALM = "dreambooth"
 # set when a model is created or by training: kept from the stored config whatever a PUT sends
 MANAGED_FIELDS = ("model_name", "family", "source_checkpoint", "source_sha256", "revision", "epochs_trained")
-EXPORT_DTYPES = ("keep", "fp16", "fp32", "bf16")
-EXPORT_EMA = ("none", "main", "both")
 MAX_BODY_BYTES = 1024 * 1024  # a JSON body of settings; more is a mistake or an attack on the host's memory
 
 Authenticator = Callable[[str, str], bool]
@@ -343,7 +350,8 @@ def _spec_json(spec: Any) -> dict[str, Any]:
     return {"name": spec.name, "type": getattr(spec.type, "__name__", str(spec.type)), "default": default,
             "label": spec.label, "help": spec.help, "group": spec.group, "min": spec.minimum, "max": spec.maximum,
             "choices": list(spec.choices) if spec.choices is not None else None, "ui": spec.ui,
-            "methods": list(spec.methods) if spec.methods is not None else None}
+            "methods": list(spec.methods) if spec.methods is not None else None,
+            "optimizers": list(spec.optimizers) if spec.optimizers is not None else None}
 
 
 def schema() -> dict[str, Any]:
@@ -449,7 +457,7 @@ def create_router(host: Any) -> APIRouter:
     @router.post("/models/{name}/import-kohya")
     async def import_kohya_dataset(name: str, request: Request) -> Response:
         """{"toml": FILE} or {"folder": DIR, "reg_folder": DIR}: the model's concepts from a kohya dataset."""
-        from .kohya_import import import_kohya
+        from .data.kohya import import_kohya
 
         md = _open(host, name)
         data = await _json_object(request, ("toml", "folder", "reg_folder"))
@@ -517,8 +525,8 @@ def create_router(host: Any) -> APIRouter:
         md = _open(host, name)
         data = await _json_object(request, ("dtype", "ema", "overwrite"), required=False)
         cfg = load_config(md.path)
-        dtype = _field(data, "dtype", str, cfg.export_dtype, choices=EXPORT_DTYPES)
-        ema = _field(data, "ema", str, "none", choices=EXPORT_EMA)
+        dtype = _field(data, "dtype", str, cfg.export_dtype, choices=FILE_DTYPES)
+        ema = _field(data, "ema", str, "none", choices=EMA_EXPORTS)
         overwrite = _field(data, "overwrite", bool, False)
         if jobs.running(md):
             raise ApiError(409, f"{name!r} is training; export when it has ended",

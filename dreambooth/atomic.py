@@ -1,4 +1,5 @@
-"""Atomic file writes: write to a temporary name in the same folder, fsync, rename into place.
+"""Atomic file writes: write to a temporary name in the same folder, fsync, rename into place. Files and folders
+get the normal mode (0666 / 0777 less the umask), as any file the user creates.
 
 A crash or a full disk mid-write leaves the previous file untouched and at most a stray
 ``*.tmp-*`` file, which :func:`clean_stale_temps` removes.
@@ -12,15 +13,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
-import signal
-import tempfile
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from . import platform_compat
+
 TMP_MARK = ".tmp-"
+FILE_MODE = 0o666  # less the umask: what open() gives a new file
+DIR_MODE = 0o777  # less the umask: what mkdir gives a new folder
 FAULT_ENV = "DREAMBOOTH_FAULT_AT"
 _fault_counts: dict[str, int] = {}
 
@@ -43,7 +48,7 @@ def fault_point(*names: str) -> None:
         count = _fault_counts[name] = _fault_counts.get(name, 0) + 1
         if f"{name}:{count}" in wanted:
             os.write(2, f"fault injection: killing pid {os.getpid()} at {name}:{count}\n".encode())
-            os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+            platform_compat.kill(os.getpid())
 
 
 @contextmanager
@@ -51,18 +56,45 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it is fsynced and renamed onto ``target``."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}{TMP_MARK}", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _new_temp(target, lambda path: os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)))
+    mode = stat.S_IMODE(tmp.stat().st_mode)  # 0666 less the umask
     try:
         yield tmp
         fault_point("write", f"write{target.suffix}")
+        if tmp.is_file():
+            _normal_modes(tmp, mode)
         _fsync_file(tmp)
-        os.replace(tmp, target)
+        platform_compat.replace(tmp, target)  # retried on Windows while a reader holds target open
         _fsync_dir(target.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _new_temp(target: Path, create: Callable[[Path], None]) -> Path:
+    """A new temporary name beside ``target``, created by ``create(path)`` (which must fail if it exists).
+
+    Not ``mkstemp`` / ``mkdtemp``: they create with mode 0600 / 0700, which the rename would give the final file,
+    so a WebUI or file server running as another user could not read it. Created with 0666 / 0777, the umask
+    gives the normal mode, as for any file the user creates.
+    """
+    for _ in range(100):
+        tmp = target.parent / f".{target.name}{TMP_MARK}{secrets.token_hex(4)}"
+        try:
+            create(tmp)
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary name beside {target}")
+
+
+def _normal_modes(path: Path, mode: int) -> None:
+    """Give ``path`` the normal ``mode`` again where a writer did not: safetensors 0.5+ writes its files 0600
+    (through a temporary file of its own), whatever the file it replaces had. Not on Windows (no such modes)."""
+    if os.name != "posix" or path.is_symlink():
+        return
+    if stat.S_IMODE(path.stat().st_mode) != mode:
+        os.chmod(path, mode)
 
 
 def write_bytes(target: str | os.PathLike[str], data: bytes) -> None:
@@ -92,10 +124,13 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP_MARK}", dir=target.parent))
+    tmp = _new_temp(target, lambda path: os.mkdir(path, DIR_MODE))
+    mode = stat.S_IMODE(tmp.stat().st_mode)  # 0777 less the umask
     try:
         yield tmp
-        os.rename(tmp, target)
+        for path in [tmp, *tmp.rglob("*")]:
+            _normal_modes(path, mode if path.is_dir() else mode & FILE_MODE)
+        platform_compat.rename(tmp, target)
         _fsync_dir(target.parent)
     finally:
         if tmp.exists():

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .config import ATTENTION_MODES, EMA_EXPORTS, FILE_DTYPES
 from .errors import UserError
 from .families import FAMILY_IDS
 from .profiles import PROFILES
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="name of the new model (one safe folder name)")
     p.add_argument("--family", choices=FAMILY_IDS, help="override the detected model type")
     p.add_argument("--extract-ema", action="store_true", help="use the file's EMA UNet weights")
-    p.add_argument("--dtype", choices=("keep", "fp32", "fp16", "bf16"), default="keep",
+    p.add_argument("--dtype", choices=FILE_DTYPES, default="keep",
                    help="precision of the working copy (default: as in the source)")
     _add_root(p)
 
@@ -52,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "original key names, metadata, and a .yaml beside SD 2.x v-prediction files.")
     p.add_argument("name", help="model name")
     p.add_argument("--dest", help="output .safetensors file or folder (default: <models root>/Stable-diffusion)")
-    p.add_argument("--dtype", choices=("keep", "fp16", "fp32", "bf16"), default="fp16",
+    p.add_argument("--dtype", choices=FILE_DTYPES, default="fp16",
                    help="precision of the file (default fp16)")
-    p.add_argument("--ema", choices=("none", "main", "both"), default="none",
+    p.add_argument("--ema", choices=EMA_EXPORTS, default="none",
                    help="none: no EMA; main: EMA weights as the UNet; both: training layout with model_ema.*")
     _add_root(p)
 
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where embeddings are exported at each save (default: <models root>/embeddings)")
     p.add_argument("--hypernetworks-dir",
                    help="where hypernetworks are exported at each save (default: <models root>/hypernetworks)")
-    p.add_argument("--attention-default", choices=("default", "sdp", "xformers"), default="sdp",
+    p.add_argument("--attention-default", choices=ATTENTION_MODES, default="sdp",
                    help="what the config's attention 'auto' means (the WebUI passes its own choice)")
     p.add_argument("--cpu-fp16", action="store_true",
                    help="with mixed precision fp16 on the CPU, run the GPU's fp16 path (autocast + grad scaler; "
@@ -191,7 +192,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_import_kohya(args: argparse.Namespace) -> int:
-    from .kohya_import import import_kohya
+    from .data.kohya import import_kohya
     from .store import open_model
 
     if args.reg_folder and not args.folder:

@@ -14,12 +14,13 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .atomic import write_json
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 from .families import FAMILY_IDS
 
 log = logging.getLogger(__name__)
@@ -27,32 +28,49 @@ log = logging.getLogger(__name__)
 CONFIG_VERSION = 1
 CONFIG_FILE = "db_config.json"
 
+# Every choice list is declared here, once; the modules that act on a choice import its list from here.
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "linear_with_warmup", "cosine",
                  "cosine_with_restarts", "polynomial")
 OPTIMIZERS = ("adamw", "adamw_8bit", "lion", "adafactor", "dadaptation", "prodigy")
+GLOBAL_OPTIMIZERS = ("dadaptation", "prodigy")  # they estimate a step size from all parameters at once
 MIXED_PRECISION = ("no", "fp16", "bf16")
 ATTENTION = ("auto", "default", "xformers", "sdp")
+ATTENTION_MODES = tuple(a for a in ATTENTION if a != "auto")  # what "auto" resolves to (the host's choice)
 SAMPLE_SCHEDULERS = ("ddim", "pndm", "lms", "euler", "euler_a", "dpmpp_2m", "unipc")
 LONG_PROMPTS = ("truncate", "chunk")
 EXPORT_DTYPES = ("fp16", "fp32", "bf16")
-METHODS = ("dreambooth", "lora", "textual_inversion", "hypernetwork")
+FILE_DTYPES = ("keep", *EXPORT_DTYPES)  # a created model's or an exported file's precision ("keep": as it is)
+EMA_EXPORTS = ("none", "main", "both")  # no EMA; the EMA weights as the UNet; both (the training layout)
+# The training methods: name -> "module:Class" of its implementation (a module of train/methods/ when it starts with
+# a dot). A new method is one new file there and one line here; the names are the choices of the method setting.
+METHODS: dict[str, str] = {
+    "dreambooth": ".dreambooth:DreamBooth",
+    "lora": ".lora:Lora",
+    "textual_inversion": ".textual_inversion:TextualInversionMethod",
+    "hypernetwork": ".hypernetwork:HypernetworkMethod",
+}
 WEIGHT_METHODS = ("dreambooth", "lora")  # the methods that train the UNet / text encoder (or a LoRA on them)
 # the WebUI's hypernetwork activations that need no arguments (train/hypernetwork.py builds them; a test checks)
 HYPERNETWORK_ACTIVATIONS = ("linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "gelu", "silu", "mish",
                             "softplus", "selu", "celu", "relu6", "hardswish", "hardtanh", "hardsigmoid", "softsign",
                             "tanhshrink", "logsigmoid")
 WEIGHT_PRECISIONS = ("fp32", "bf16_master", "bf16_stochastic")
+# the optimizers that read the betas / epsilon (train/optimizers.py; a test checks): Adafactor keeps no first moment
+# and its own epsilon pair, Lion has no epsilon. The others ignore these settings, so the tab hides them.
+BETAS_OPTIMIZERS = ("adamw", "adamw_8bit", "lion", "dadaptation", "prodigy")
+EPSILON_OPTIMIZERS = ("adamw", "adamw_8bit", "dadaptation", "prodigy")
 
 
 def setting(default: Any, label: str, help: str, group: str, *, minimum: float | None = None,
-            maximum: float | None = None, choices: tuple[str, ...] | None = None, ui: bool = True,
-            methods: tuple[str, ...] | None = None) -> Any:
+            maximum: float | None = None, choices: Collection[str] | None = None, ui: bool = True,
+            methods: tuple[str, ...] | None = None, optimizers: tuple[str, ...] | None = None) -> Any:
     """A dataclass field with the metadata the UI, CLI and API are generated from.
 
-    ``methods``: the training methods the setting applies to (None: all); the tab hides it for the others.
+    ``methods`` / ``optimizers``: the training methods / optimizers the setting applies to (None: all); the tab
+    hides it for the others.
     """
     meta = {"label": label, "help": help, "group": group, "min": minimum, "max": maximum, "choices": choices,
-            "ui": ui, "methods": methods}
+            "ui": ui, "methods": methods, "optimizers": optimizers}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -216,11 +234,13 @@ class TrainConfig:
                              "their packages.", "learning_rate", choices=OPTIMIZERS)
     weight_decay: float = setting(1e-2, "Weight decay", "Decoupled weight decay.", "learning_rate",
                                   minimum=0.0, maximum=1.0)
-    adam_beta1: float = setting(0.9, "Adam beta1", "First-moment decay.", "learning_rate", minimum=0.0, maximum=1.0)
-    adam_beta2: float = setting(0.999, "Adam beta2", "Second-moment decay.", "learning_rate",
-                                minimum=0.0, maximum=1.0)
+    adam_beta1: float = setting(0.9, "Adam beta1", "First-moment decay (Lion: how much of the gradient the update "
+                                "direction takes in).", "learning_rate", minimum=0.0, maximum=1.0,
+                                optimizers=BETAS_OPTIMIZERS)
+    adam_beta2: float = setting(0.999, "Adam beta2", "Second-moment decay (Lion: the momentum's decay).",
+                                "learning_rate", minimum=0.0, maximum=1.0, optimizers=BETAS_OPTIMIZERS)
     adam_epsilon: float = setting(1e-8, "Adam epsilon", "Numerical floor of the denominator.", "learning_rate",
-                                  minimum=0.0, maximum=1.0)
+                                  minimum=0.0, maximum=1.0, optimizers=EPSILON_OPTIMIZERS)
 
     # performance and memory
     mixed_precision: str = setting("fp16", "Mixed precision", "bf16 needs an Ampere or newer GPU.", "performance",
@@ -346,6 +366,12 @@ class FieldSpec:
     choices: tuple[str, ...] | None
     ui: bool
     methods: tuple[str, ...] | None = None  # the training methods it applies to; None: all
+    optimizers: tuple[str, ...] | None = None  # the optimizers that read it; None: all
+
+    def applies(self, method: str, optimizer: str | None = None) -> bool:
+        """Whether the setting has an effect with this training method and optimizer (None: any optimizer)."""
+        return ((self.methods is None or method in self.methods)
+                and (optimizer is None or self.optimizers is None or optimizer in self.optimizers))
 
 
 def field_specs(cls: type = TrainConfig) -> list[FieldSpec]:
@@ -356,9 +382,25 @@ def field_specs(cls: type = TrainConfig) -> list[FieldSpec]:
         if f.name in ("concepts", "unknown"):
             continue
         m = f.metadata
+        choices = tuple(m["choices"]) if m["choices"] is not None else None  # METHODS grows when one registers
         specs.append(FieldSpec(f.name, types[f.name], f.default, m["label"], m["help"], m["group"], m["min"],
-                               m["max"], m["choices"], m["ui"], m.get("methods")))
+                               m["max"], choices, m["ui"], m.get("methods"), m.get("optimizers")))
     return specs
+
+
+def applies_to(name: str, method: str) -> bool:
+    """Whether the setting ``name`` of TrainConfig applies to the training method ``method``."""
+    methods = next(f.metadata.get("methods") for f in dataclasses.fields(TrainConfig) if f.name == name)
+    return methods is None or method in methods
+
+
+def check_applies(cfg: TrainConfig, name: str, off: Any) -> None:
+    """Refuse the setting ``name`` set to something other than ``off`` when it does not apply to the method."""
+    if getattr(cfg, name) != off and not applies_to(name, cfg.method):
+        spec = next(s for s in field_specs() if s.name == name)
+        methods = " and ".join(m.replace("_", " ") for m in spec.methods or ())
+        raise UserError(f"{spec.label.lower()} {getattr(cfg, name)} applies to {methods} training",
+                        f"set {spec.label.lower()} to {off} for {cfg.method.replace('_', ' ')}")
 
 
 def _field_types(cls: type) -> dict[str, type]:
@@ -535,3 +577,11 @@ def load_concepts_file(path: str | Path) -> list[Concept]:
         return [concept_from_dict(c, f"{path.name}[{i}]") for i, c in enumerate(data)]
     except ConfigError as err:
         raise ConfigError(err.message, f"fix the value in {path}") from None
+
+
+def resolve_concepts(cfg: TrainConfig) -> list[Concept]:
+    """The concepts a run trains: the concepts list file's when one is set, else the config's own."""
+    concepts = load_concepts_file(cfg.concepts_list_file) if cfg.concepts_list_file else cfg.concepts
+    if not concepts:
+        raise UserError("no concepts to train", "add a concept with an instance images folder and prompt")
+    return concepts

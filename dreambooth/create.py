@@ -15,7 +15,8 @@ import torch
 
 from .atomic import atomic_dir
 from .checkpoint_file import read_checkpoint, read_metadata
-from .config import TrainConfig
+from .config import FILE_DTYPES, TrainConfig
+from .dtypes import torch_dtype
 from .errors import CheckpointError, StoreError, UserError
 from .families import SD2, SD2V, get_family
 from .families.architecture import check_shapes, configs_from_metadata, default_configs
@@ -26,7 +27,6 @@ from .working import CONFIG_COMPONENT, read_component, read_configs, write_worki
 
 log = logging.getLogger(__name__)
 
-WORKING_DTYPES = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
@@ -89,8 +89,8 @@ def create_model(source: str | os.PathLike[str], name: str, root: str | os.PathL
                  family: str | None = None, extract_ema: bool = False, dtype: str = "keep",
                  compute_hash: bool = True) -> ModelDir:
     """Create ``<root>/dreambooth/<name>/`` from ``source``. Returns the new model dir."""
-    if dtype not in WORKING_DTYPES:
-        raise UserError(f"unknown working dtype {dtype!r}", f"use one of: {', '.join(WORKING_DTYPES)}")
+    if dtype not in FILE_DTYPES:
+        raise UserError(f"unknown working dtype {dtype!r}", f"use one of: {', '.join(FILE_DTYPES)}")
     if family is not None:
         get_family(family)
     target = model_dir(name, root)
@@ -103,7 +103,7 @@ def create_model(source: str | os.PathLike[str], name: str, root: str | os.PathL
                               "pick a file from the checkpoint list or give the full path")
 
     fam_id, components, extras, configs = load_source(source, family, extract_ema)
-    cast = WORKING_DTYPES[dtype]
+    cast = torch_dtype(dtype)
     components = {c: _cast(t, cast) for c, t in components.items()}
     log.info("creating %s model %r from %s", get_family(fam_id).label, name, source)
 

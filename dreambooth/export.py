@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from . import __version__, assets_api
-from .config import TrainConfig, load_config
+from .config import EMA_EXPORTS, FILE_DTYPES, TrainConfig, load_config
+from .dtypes import torch_dtype
 from .errors import UserError
 from .families import SD1, SD2, SD2V, get_family
 from .families.architecture import CONFIGS_METADATA_KEY
@@ -27,10 +28,8 @@ from .working import read_configs, read_working, save_tensors
 
 log = logging.getLogger(__name__)
 
-EXPORT_DTYPES = {"keep": None, "fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
-# none: no EMA; main: the EMA weights as the UNet (needs EMA);
+# EMA (config.EMA_EXPORTS): none: no EMA; main: the EMA weights as the UNet (needs EMA);
 # both: the UNet plus, when the model has them, the EMA weights as model_ema.* (the training layout)
-EMA_CHOICES = ("none", "main", "both")
 _IMPLEMENTATION = {
     SD1: "https://github.com/CompVis/stable-diffusion",
     SD2: "https://github.com/Stability-AI/stablediffusion",
@@ -68,10 +67,10 @@ def export_state_dict(model: ModelDir, cfg: TrainConfig, dtype: str = "fp16", em
                       replace: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
     """The single-file state dict of ``model``'s working weights; ``replace`` gives components (canonical names, as in
     ``working/``) to write instead of the working ones (e.g. with a LoRA merged in)."""
-    if dtype not in EXPORT_DTYPES:
-        raise UserError(f"unknown export precision {dtype!r}", f"use one of: {', '.join(EXPORT_DTYPES)}")
-    if ema not in EMA_CHOICES:
-        raise UserError(f"unknown EMA choice {ema!r}", f"use one of: {', '.join(EMA_CHOICES)}")
+    if dtype not in FILE_DTYPES:
+        raise UserError(f"unknown export precision {dtype!r}", f"use one of: {', '.join(FILE_DTYPES)}")
+    if ema not in EMA_EXPORTS:
+        raise UserError(f"unknown EMA choice {ema!r}", f"use one of: {', '.join(EMA_EXPORTS)}")
     components, extras = read_working(model.working, cfg.family)
     for component, state in (replace or {}).items():
         if component not in components:
@@ -88,7 +87,7 @@ def export_state_dict(model: ModelDir, cfg: TrainConfig, dtype: str = "fp16", em
         components.pop("unet_ema", None)
         extras = {k: v for k, v in extras.items() if k not in _EMA_SCALARS}
     state = join_ldm(components, extras, cfg.family)
-    cast = EXPORT_DTYPES[dtype]
+    cast = torch_dtype(dtype)
     if cast is not None:
         state = {k: v.to(cast) if v.is_floating_point() else v for k, v in state.items()}
     return state

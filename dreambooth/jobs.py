@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import lock
+from . import lock, platform_compat
 from .atomic import write_json
-from .config import ATTENTION, load_concepts_file, load_config
+from .config import ATTENTION_MODES, load_concepts_file, load_config
 from .errors import ConfigError, UserError
 from .store import ModelDir
-from .train.status import CANCEL_FILE, PAUSE_FILE, read_status, request_cancel, request_pause, request_unpause
+from .train.status import CANCEL_FILE, clear_requests_of, read_status, request_cancel, request_pause, request_unpause
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ ACTIVE_STATES = ("starting", "generating_class_images", "running", "paused", "sa
 FINAL_STATES = ("done", "failed", "cancelled")
 LOG_TAIL_LINES = 40
 LOG_TAIL_CHARS = 8000
+CANCEL_KILL_AFTER_S = 60.0  # Windows: a worker still loading this long after a cancel is ended (it has no SIGTERM)
 
 _children: dict[int, subprocess.Popen] = {}  # workers started by this process, kept to reap them (no zombies)
 _exit_codes: dict[int, int] = {}  # pid -> exit code of the workers reaped so far
@@ -112,9 +113,8 @@ def start(model: ModelDir, *, models_root: Path, resume: bool = False, device: s
     another worker trains this model. ``status.json`` says ``starting`` when this returns.
     """
     _reap()
-    choices = [a for a in ATTENTION if a != "auto"]  # what the worker's --attention-default accepts
-    if attention_default is not None and attention_default not in choices:
-        raise UserError(f"attention default {attention_default!r} is not one of {', '.join(choices)}",
+    if attention_default is not None and attention_default not in ATTENTION_MODES:  # the worker's --attention-default
+        raise UserError(f"attention default {attention_default!r} is not one of {', '.join(ATTENTION_MODES)}",
                         "fix the host's attention setting")
     _check_config(model)
     _check_device_free(model, device)
@@ -129,8 +129,7 @@ def start(model: ModelDir, *, models_root: Path, resume: bool = False, device: s
         raise AlreadyRunning(f"{model.name!r} is already training (pid {other})",
                              "wait for it to finish, or cancel it first")
     try:
-        for name in (CANCEL_FILE, PAUSE_FILE):  # requests meant for an earlier run
-            (model.path / name).unlink(missing_ok=True)
+        clear_requests_of(model)  # meant for an earlier run; the worker keeps whatever is asked from now on
         cmd = worker_command(model, models_root=Path(models_root), resume=resume, device=device,
                              export_dir=export_dir, attention_default=attention_default, lora_dir=lora_dir,
                              embeddings_dir=embeddings_dir, hypernetworks_dir=hypernetworks_dir)
@@ -142,13 +141,10 @@ def start(model: ModelDir, *, models_root: Path, resume: bool = False, device: s
         with open(model.logs / WORKER_LOG, "ab") as log_file:
             log_file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(cmd)}\n".encode())
             log_file.flush()
-            popen_args: dict[str, Any] = {}
-            if sys.platform == "win32":
-                popen_args["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
-            else:
-                popen_args["start_new_session"] = True  # Ctrl-C in the host's terminal does not reach the worker
+            # its own process group: Ctrl-C in the host's terminal does not reach the worker
             proc = subprocess.Popen(cmd, cwd=str(PACKAGE_PARENT), stdin=subprocess.DEVNULL, stdout=log_file,
-                                    stderr=subprocess.STDOUT, env=_worker_env(held.token), **popen_args)
+                                    stderr=subprocess.STDOUT, env=_worker_env(held.token),
+                                    **platform_compat.new_process_group())
     except BaseException as err:
         held.release()
         if isinstance(err, OSError):
@@ -212,9 +208,9 @@ def _unlocked_trainer_pid(model: ModelDir) -> int | None:
     started before the run did (so a reused pid does not count)."""
     current = read_status(model) or {}
     pid, started = current.get("pid"), current.get("started_at")
-    if current.get("state") not in ACTIVE_STATES or not isinstance(pid, int) or not lock.pid_alive(pid):
+    if current.get("state") not in ACTIVE_STATES or not isinstance(pid, int) or not platform_compat.pid_alive(pid):
         return None
-    began = lock.process_started_at(pid)
+    began = platform_compat.process_started_at(pid)
     if began is not None and isinstance(started, (int, float)) and began > started + 5:
         return None
     return pid
@@ -278,11 +274,40 @@ def cancel(model: ModelDir) -> None:
     request_cancel(model)
     current = read_status(model) or {}
     if current.get("state") == "starting":
-        # The worker may not watch the request files yet (it removes old ones when it starts to): SIGTERM cancels
-        # too, and before its handler is installed it ends the process. The mark in status.json tells status()
-        # that such an end was a cancel; once the worker writes its own status it reports the cancel itself.
+        # The worker honours the request from its first step on, but loading a model takes a while. On Linux and
+        # macOS SIGTERM cancels at once (before its handler is installed it ends the process); on Windows os.kill
+        # would terminate the worker outright, so it gets time to begin and is ended only if it is still loading
+        # after CANCEL_KILL_AFTER_S. The mark in status.json tells status() that such an end was a cancel; once the
+        # worker writes its own status it reports the cancel itself.
         write_json(model.status_path, {**current, "cancel_requested": True})
-        _signal(pid, signal.SIGTERM)
+        if platform_compat.signals_stop_gracefully():
+            _signal(pid, signal.SIGTERM)
+        else:
+            _end_if_still_starting(model, pid, CANCEL_KILL_AFTER_S)
+
+
+def _end_if_still_starting(model: ModelDir, pid: int, after: float) -> None:
+    """A thread that ends worker ``pid`` if it has neither ended nor begun its run ``after`` seconds from now (a
+    worker that began reads the cancel request at its next step and stops by itself, saving if it should)."""
+
+    def still_starting() -> bool:
+        return worker_pid(model) == pid and (read_status(model) or {}).get("state") == "starting"
+
+    def watch() -> None:
+        end = time.monotonic() + after
+        while time.monotonic() < end:
+            if not still_starting():
+                return
+            time.sleep(0.2)
+        if still_starting():
+            log.warning("cancel: the training process of %s (pid %d) is still starting after %.0f s; ending it",
+                        model.name, pid, after)
+            try:
+                platform_compat.kill(pid)
+            except OSError as err:
+                log.warning("could not end pid %d: %s", pid, err)
+
+    threading.Thread(target=watch, name=f"dreambooth-cancel-{model.name}", daemon=True).start()
 
 
 def _signal(pid: int, sig: int) -> None:

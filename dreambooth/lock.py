@@ -2,9 +2,9 @@
 
 The file is created atomically (``O_CREAT | O_EXCL``), so of two processes that start a run at the same moment only
 one gets it. A lock survives a crash of its holder; it counts as *stale* once its process is gone (or its pid now
-belongs to another process, which the process start time written beside the pid reveals on Linux), and the next
-:func:`acquire` takes a stale or unreadable lock over with a warning. A lock held by a live process is refused with
-:class:`Locked`.
+belongs to another process, which the process start time written beside the pid reveals on Linux and Windows), and
+the next :func:`acquire` takes a stale or unreadable lock over with a warning. A lock held by a live process is
+refused with :class:`Locked`.
 
 Hand-over to a worker: the launcher (:mod:`jobs`) acquires the lock before it starts the worker process, writes the
 worker's pid into it, and passes the lock's ``token`` in ``$DREAMBOOTH_LOCK_TOKEN``; a worker that calls
@@ -21,7 +21,6 @@ import os
 import re
 import secrets
 import socket
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 from .atomic import write_json
 from .errors import StoreError
+from .platform_compat import pid_alive, process_start_ticks, read_bytes, unlink
 
 log = logging.getLogger(__name__)
 
@@ -50,84 +50,13 @@ def lock_path(model_dir_path: str | os.PathLike[str]) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# processes
-
-
-def process_start_ticks(pid: int) -> int | None:
-    """When ``pid`` started, in clock ticks since boot (Linux ``/proc``); None where that cannot be read."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return None
-    try:
-        return int(text[text.rindex(")") + 2:].split()[19])  # field 22; the name in (...) may hold spaces
-    except (ValueError, IndexError):
-        return None
-
-
-def process_started_at(pid: int) -> float | None:
-    """When ``pid`` started, as a Unix time (Linux ``/proc``); None where that cannot be read."""
-    ticks = process_start_ticks(pid)
-    if ticks is None:
-        return None
-    try:
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, StopIteration, IndexError):
-        return None
-
-
-def _is_zombie(pid: int) -> bool:
-    """A process that has exited but was not reaped yet (Linux); os.kill(pid, 0) still succeeds on it."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
-        return text[text.rindex(")") + 2:].split()[0] in ("Z", "X")
-    except (OSError, ValueError, IndexError):
-        return False
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (and is not a zombie) on this machine."""
-    if pid <= 0:
-        return False
-    if sys.platform == "win32":  # os.kill(pid, 0) would send CTRL_C_EVENT there
-        return _windows_pid_alive(pid)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    except OSError:
-        return False
-    return not _is_zombie(pid)
-
-
-def _windows_pid_alive(pid: int) -> bool:
-    import ctypes
-
-    kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
-    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-    if not handle:
-        return False
-    try:
-        code = ctypes.c_ulong()
-        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
-            return False
-        return code.value == 259  # STILL_ACTIVE
-    finally:
-        kernel32.CloseHandle(handle)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # reading
 
 
 def _read(path: Path) -> dict[str, Any] | None:
     """The lock's content, or None when it is unreadable or not a lock (garbled, half-written, wrong types)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_bytes(path).decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return None
     if not isinstance(data, dict) or not isinstance(data.get("pid"), int) or isinstance(data.get("pid"), bool):
@@ -169,11 +98,16 @@ def _content(pid: int, token: str) -> dict[str, Any]:
 
 
 class Lock:
-    """A held ``train.lock``. Release it with :meth:`release` or by leaving the ``with`` block."""
+    """A held ``train.lock``. Release it with :meth:`release` or by leaving the ``with`` block.
 
-    def __init__(self, path: Path, info: dict[str, Any]) -> None:
+    ``handed_over``: this process took over the lock a launcher made for it (the token it was given), so the launcher
+    prepared the run (see ``jobs.start``).
+    """
+
+    def __init__(self, path: Path, info: dict[str, Any], handed_over: bool = False) -> None:
         self.path = path
         self.info = info
+        self.handed_over = handed_over
 
     @property
     def pid(self) -> int:
@@ -194,7 +128,7 @@ class Lock:
         if current is not None and current.get("token") != self.token:
             log.warning("%s now belongs to pid %s; not removing it", self.path, current.get("pid"))
             return
-        self.path.unlink(missing_ok=True)
+        unlink(self.path, missing_ok=True)
 
     def __enter__(self) -> Lock:
         return self
@@ -241,7 +175,7 @@ def _acquire(path: Path, handed: str | None, attempts: int, extra: dict[str, Any
         current = _read(path)
         if current is not None and handed and current.get("token") == handed:
             write_json(path, info)
-            return Lock(path, info)
+            return Lock(path, info, handed_over=True)
         if current is not None and _live(current):
             where = "" if current.get("host") in (None, socket.gethostname()) else f" on {current['host']}"
             raise refuse(current, where)
@@ -345,7 +279,4 @@ def _remove_if_unchanged(path: Path, seen: dict[str, Any] | None) -> None:
     """Remove a stale lock, unless another process replaced it since we looked (then the next round decides)."""
     if _read(path) != seen:
         return
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
+    unlink(path, missing_ok=True)

@@ -77,16 +77,16 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
 
 # parameters per module (the published architectures); LoRA: trained parameters per unit of rank on our default
 # targets (lora.py: every layer of the UNet's transformer blocks); the largest single parameter (it bounds the
-# update's buckets and the per-parameter optimizer's temporaries)
+# update's buckets and the per-parameter optimizer's temporaries); context: the width of the text conditioning
 PARAMS = {
     "sd1": {"unet": 859_520_964, "vae": 83_653_863, "text_encoders": [123_060_480], "lora_per_rank": 423_936,
-            "largest": 29_491_200},
+            "largest": 29_491_200, "context": 768},
     "sd2": {"unet": 865_910_724, "vae": 83_653_863, "text_encoders": [340_387_840], "lora_per_rank": 432_128,
-            "largest": 29_491_200},
+            "largest": 29_491_200, "context": 1024},
     "sd2v": {"unet": 865_910_724, "vae": 83_653_863, "text_encoders": [340_387_840], "lora_per_rank": 432_128,
-             "largest": 29_491_200},
+             "largest": 29_491_200, "context": 1024},
     "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoders": [123_060_480, 694_659_841],
-             "lora_per_rank": 2_659_840, "largest": 29_491_200},
+             "lora_per_rank": 2_659_840, "largest": 29_491_200, "context": 2048},
 }
 # activation bytes per pixel (of the training resolution's square) of one sample under 16-bit compute, from public
 # figures: the classes the benchmark has not measured
@@ -225,16 +225,12 @@ def estimate_memory(cfg: TrainConfig, params: dict[str, Any] | None = None, devi
 def _parts(cfg: TrainConfig, sig: dict[str, Any], counts: dict[str, Any], device_type: str
            ) -> tuple[dict[str, float], list[str]]:
     """Weights, states, gradients and the update's buffers (bytes), before the phase decides which show."""
+    from .train.methods import method_class  # torch: only when an estimate is asked for
+
     wb = 2 if cfg.weight_precision != "fp32" else 4
     te_params = sum(counts["text_encoders"])
-    if cfg.method == "lora":
-        trained = counts["lora_per_rank"] * cfg.lora_rank
-    elif cfg.method == "textual_inversion":
-        trained = 768 * cfg.embedding_vectors
-    elif cfg.method == "hypernetwork":
-        trained = 2 * 2 * 768 * 768 * 2  # a (k, v) pair of two-layer MLPs at 768 wide (the default structure)
-    else:
-        trained = (counts["unet"] if cfg.train_unet else 0) + (te_params if sig["text_encoder_trains"] else 0)
+    share = method_class(cfg.method).memory(cfg, counts)
+    trained = share.trained
     paramwise = cfg.weight_precision != "fp32" or cfg.fused_backward_step
     bucket = update_bucket(cfg, counts)
     parts: dict[str, float] = {
@@ -242,12 +238,12 @@ def _parts(cfg: TrainConfig, sig: dict[str, Any], counts: dict[str, Any], device
         "vae": counts["vae"] * wb if sig["vae_on_device"] else 0,
         "text encoders": te_params * wb if sig["text_encoders_on_device"] else 0,
     }
-    if cfg.method in ("lora", "textual_inversion", "hypernetwork"):
-        parts[cfg.method.replace("_", " ")] = trained * wb
+    if share.added:
+        parts[cfg.method.replace("_", " ")] = share.added * wb
     if cfg.weight_precision == "bf16_master":
         parts["fp32 masters"] = trained * 4
-    if sig["ema"]:
-        parts["ema"] = counts["unet"] * 4
+    if share.ema:
+        parts["ema"] = share.ema * 4
     parts["optimizer state"] = _state_bytes(sig["optimizer"], trained)
     if paramwise:
         parts["update buffers"] = UPDATE_SCRATCH_BYTES[cfg.weight_precision] * min(bucket, trained)

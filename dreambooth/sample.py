@@ -1,4 +1,7 @@
-"""Preview images during training and class images for prior preservation.
+"""The one sampling entry: previews during training, class images for prior preservation, and "Generate samples
+now" all make their images through :class:`Sampler`, with every setting that changes an image (:class:`SampleSettings`:
+scheduler, clip skip, the run's mixed precision; the attention is set on the models) taken from the config in one
+place.
 
 The pipeline is assembled from the very module objects the trainer is training (no reload from disk, no copy of
 any weight), so a preview shows exactly the weights of that step. Sampling runs under ``torch.no_grad`` with every
@@ -7,6 +10,9 @@ trainer's UNet with gradient checkpointing continues as it was.
 
 Every image is written atomically as a PNG carrying the WebUI's infotext in its ``parameters`` text chunk (so the
 WebUI's *PNG Info* tab reads it) plus a ``dreambooth`` chunk with the request as JSON.
+
+Images are decoded with autocast off, in the VAE's own dtype: an fp32 VAE decodes in fp32 even when sampling runs
+under fp16 autocast (the SDXL VAE overflows in fp16: black or NaN images; the WebUI's ``--no-half-vae``).
 
 Seeds: ``seed = -1`` draws a random seed; every image returned by :func:`generate` carries the seed it was really
 made with in ``image.info["seed"]`` (an int), which :func:`save_sample` writes in place of -1.
@@ -18,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import random
 import re
 import secrets
 from collections.abc import Callable, Iterator, Mapping
@@ -40,15 +47,15 @@ from diffusers import (
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .atomic import write_with
-from .config import Concept
+from .atomic import clean_stale_temps, fault_point, write_with
+from .config import Concept, TrainConfig
+from .data.images import IMAGE_EXTENSIONS, list_images
 from .errors import UserError
 from .families import SDXL, get_family
 
 log = logging.getLogger(__name__)
 
 SEED_LIMIT = 2**32
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FILEWORDS = re.compile(r"\[filewords\]", re.IGNORECASE)
 CLASS_IMAGE_NAME = re.compile(r"^class_(\d+)_")
 
@@ -106,7 +113,7 @@ class LMSScheduler(EulerDiscreteScheduler):
         return type(euler)(prev_sample=prev, pred_original_sample=x0)
 
 
-SAMPLE_SCHEDULERS: dict[str, type] = {
+SCHEDULER_CLASSES: dict[str, type] = {  # each of config.SAMPLE_SCHEDULERS -> its diffusers class
     "ddim": DDIMScheduler,
     "pndm": PNDMScheduler,
     "lms": LMSScheduler,
@@ -124,19 +131,19 @@ WEBUI_SAMPLER_NAMES = {"ddim": "DDIM", "pndm": "PLMS", "lms": "LMS", "euler": "E
 
 
 def _check_scheduler_name(name: str) -> None:
-    if name not in SAMPLE_SCHEDULERS:
-        raise UserError(f"unknown sample scheduler {name!r}", f"use one of: {', '.join(SAMPLE_SCHEDULERS)}")
+    if name not in SCHEDULER_CLASSES:
+        raise UserError(f"unknown sample scheduler {name!r}", f"use one of: {', '.join(SCHEDULER_CLASSES)}")
 
 
 def make_scheduler(name: str, scheduler_config: Mapping[str, Any]) -> Any:
     """A fresh ``name`` scheduler from the model's own scheduler config (betas, prediction type, ... are kept)."""
     _check_scheduler_name(name)
-    return SAMPLE_SCHEDULERS[name].from_config(dict(scheduler_config), **_SCHEDULER_OVERRIDES.get(name, {}))
+    return SCHEDULER_CLASSES[name].from_config(dict(scheduler_config), **_SCHEDULER_OVERRIDES.get(name, {}))
 
 
 def scheduler_name(scheduler: Any) -> str | None:
-    """The name in :data:`SAMPLE_SCHEDULERS` that ``scheduler`` is, or None."""
-    for name, cls in SAMPLE_SCHEDULERS.items():
+    """The name in :data:`SCHEDULER_CLASSES` that ``scheduler`` is, or None."""
+    for name, cls in SCHEDULER_CLASSES.items():
         if type(scheduler) is cls and all(scheduler.config.get(k) == v
                                           for k, v in _SCHEDULER_OVERRIDES.get(name, {}).items()):
             return name
@@ -199,13 +206,34 @@ def _eval_mode(modules: list[torch.nn.Module]) -> Iterator[None]:
             sub.training = training
 
 
-def _autocast(modules: list[torch.nn.Module], device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast to the half dtype when the modules' dtypes differ (a mixed-precision trainer), else nothing."""
+def _autocast(modules: list[torch.nn.Module], device: torch.device, dtype: torch.dtype | None = None
+              ) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` (the run's mixed precision); without one, to the half dtype when the modules' dtypes
+    differ (a mixed-precision trainer's modules), else nothing."""
+    if dtype is not None:
+        return torch.autocast(device.type, dtype=dtype)
     dtypes = {p.dtype for m in modules for p in m.parameters() if p.is_floating_point()}
     halves = dtypes & {torch.float16, torch.bfloat16}
     if len(dtypes) > 1 and halves:
         return torch.autocast(device.type, dtype=torch.bfloat16 if torch.bfloat16 in halves else torch.float16)
     return contextlib.nullcontext()
+
+
+def _decode(pipeline: Any, latents: torch.Tensor) -> list[Image.Image]:
+    """The pipeline's latents as images: autocast off, in the VAE's own dtype (see the module docstring)."""
+    vae = pipeline.vae
+    config = vae.config
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    with torch.autocast(latents.device.type, enabled=False):
+        latents = latents.float()
+        if mean is not None and std is not None:  # SDXL-style configs that normalise their latents
+            shape = (1, len(mean), 1, 1)
+            latents = latents * torch.tensor(std, device=latents.device).view(shape) / config.scaling_factor \
+                + torch.tensor(mean, device=latents.device).view(shape)
+        else:
+            latents = latents / config.scaling_factor
+        pixels = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    return pipeline.image_processor.postprocess(pixels.float(), output_type="pil")
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
@@ -231,13 +259,14 @@ def random_seed() -> int:
     return secrets.randbelow(SEED_LIMIT)
 
 
-def generate_images(pipeline: Any, req: SampleRequest, seeds: list[int],
-                    device: torch.device | str | None = None) -> list[Image.Image]:
+def generate_images(pipeline: Any, req: SampleRequest, seeds: list[int], device: torch.device | str | None = None,
+                    autocast: torch.dtype | None = None) -> list[Image.Image]:
     """One image per seed for ``req`` in one batch; each image's ``info["seed"]`` is its seed.
 
     ``device`` is where the noise generators live; by default the pipeline's device. The modules are not moved: they
-    must all be on the pipeline's device already. When their dtypes differ (fp32 UNet beside an fp16 VAE and text
-    encoder, as a mixed-precision trainer holds them) sampling runs under autocast.
+    must all be on the pipeline's device already. Sampling runs under ``autocast`` (the run's mixed precision);
+    without it, under autocast when the modules' dtypes differ (fp32 UNet beside a bf16 VAE and text encoder, as a
+    trainer with bf16 weights holds them). The VAE decodes outside autocast.
     """
     _check_request(pipeline, req)
     if not seeds:
@@ -249,21 +278,57 @@ def generate_images(pipeline: Any, req: SampleRequest, seeds: list[int],
         pipeline.scheduler = make_scheduler(req.scheduler, pipeline.scheduler.config)
     generators = [_generator(generator_device, s) for s in seeds]
     modules = _modules(pipeline)
-    with _eval_mode(modules), torch.no_grad(), _autocast(modules, module_device):
-        result = pipeline(prompt=req.prompt, negative_prompt=req.negative_prompt or None,
-                          num_inference_steps=req.steps, guidance_scale=req.guidance_scale, width=req.width,
-                          height=req.height, num_images_per_prompt=len(seeds),
-                          generator=generators if len(generators) > 1 else generators[0],
-                          clip_skip=req.clip_skip - 1 if req.clip_skip > 1 else None, output_type="pil")
-    images = list(result.images)
+    with _eval_mode(modules), torch.no_grad():
+        with _autocast(modules, module_device, autocast):
+            result = pipeline(**_prompt_arguments(pipeline, req, module_device),
+                              num_inference_steps=req.steps, guidance_scale=req.guidance_scale, width=req.width,
+                              height=req.height, num_images_per_prompt=len(seeds),
+                              generator=generators if len(generators) > 1 else generators[0],
+                              latents=_initial_noise(pipeline, req, generators, module_device), output_type="latent")
+        images = _decode(pipeline, result.images)
     for image, seed in zip(images, seeds, strict=True):
         image.info["seed"] = seed
     return images
 
 
-def generate(pipeline: Any, req: SampleRequest, device: torch.device | str | None = None) -> Image.Image:
+def _prompt_arguments(pipeline: Any, req: SampleRequest, device: torch.device) -> dict[str, Any]:
+    """The pipeline's prompt arguments for ``req``. SDXL pipelines take clip skip themselves. For SD 1.x/2.x with clip
+    skip the prompts are encoded here, as the WebUI does (the N-th last layer, then the final layer norm): diffusers'
+    own clip skip reaches for ``text_encoder.text_model``, which transformers 5 no longer has."""
+    negative = req.negative_prompt or None
+    if req.clip_skip <= 1 or hasattr(pipeline, "text_encoder_2"):
+        return {"prompt": req.prompt, "negative_prompt": negative,
+                "clip_skip": req.clip_skip - 1 if req.clip_skip > 1 else None}
+    embeds = {"prompt_embeds": _clip_skipped(pipeline, req.prompt, req.clip_skip, device)}
+    if req.guidance_scale > 1:
+        embeds["negative_prompt_embeds"] = _clip_skipped(pipeline, negative or "", req.clip_skip, device)
+    return embeds
+
+
+def _clip_skipped(pipeline: Any, prompt: str, clip_skip: int, device: torch.device) -> torch.Tensor:
+    """[1, 77, D]: the ``clip_skip``-th last text encoder layer of ``prompt`` with the final layer norm applied."""
+    tokenizer, encoder = pipeline.tokenizer, pipeline.text_encoder
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    hidden = encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
+    return getattr(encoder, "text_model", encoder).final_layer_norm(hidden)
+
+
+def _initial_noise(pipeline: Any, req: SampleRequest, generators: list[torch.Generator],
+                   device: torch.device) -> torch.Tensor:
+    """Each seed's starting noise, drawn in fp32 as diffusers draws it for fp32 models: the same seed gives the same
+    noise whatever dtype the text encoder has (diffusers draws in the text encoder's dtype, and torch 2.1 draws a
+    different sequence in bf16 than in fp32)."""
+    shape = (1, pipeline.unet.config.in_channels, req.height // pipeline.vae_scale_factor,
+             req.width // pipeline.vae_scale_factor)
+    noise = [torch.randn(shape, generator=g, device=g.device, dtype=torch.float32) for g in generators]
+    return torch.cat(noise).to(device)
+
+
+def generate(pipeline: Any, req: SampleRequest, device: torch.device | str | None = None,
+             autocast: torch.dtype | None = None) -> Image.Image:
     """One image for ``req``: the same seed gives the same pixels; seed -1 records the drawn one in info["seed"]."""
-    return generate_images(pipeline, req, [req.seed], device)[0]
+    return generate_images(pipeline, req, [req.seed], device, autocast)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -369,7 +434,8 @@ def count_images(folder: Path) -> int:
 
 
 def generate_class_images(pipeline: Any, concept: Concept, class_dir: Path, needed: int, *, scheduler: str, width: int,
-                          height: int, seed: int, batch_size: int = 1,
+                          height: int, seed: int, batch_size: int = 1, clip_skip: int = 1,
+                          autocast: torch.dtype | None = None,
                           progress: Callable[[int, int], None] | None = None) -> list[Path]:
     """Make ``class_dir`` hold at least ``needed`` images; returns the paths of the new ones.
 
@@ -394,7 +460,7 @@ def generate_class_images(pipeline: Any, concept: Concept, class_dir: Path, need
                         "[filewords]", "write a class prompt such as 'photo of a dog'")
     req = SampleRequest(prompt=prompt, negative_prompt=strip_filewords(concept.class_negative_prompt), seed=seed,
                         steps=concept.class_infer_steps, guidance_scale=concept.class_guidance_scale, width=width,
-                        height=height, scheduler=scheduler)
+                        height=height, scheduler=scheduler, clip_skip=clip_skip)
     _check_request(pipeline, req)
     class_dir.mkdir(parents=True, exist_ok=True)
     used = [int(m.group(1)) for f in class_dir.iterdir() if (m := CLASS_IMAGE_NAME.match(f.name))]
@@ -406,7 +472,7 @@ def generate_class_images(pipeline: Any, concept: Concept, class_dir: Path, need
         numbers = list(range(number, number + count))
         number += count
         seeds = [random_seed() if seed == -1 else (seed + n) % SEED_LIMIT for n in numbers]
-        images = generate_images(pipeline, req, seeds)
+        images = generate_images(pipeline, req, seeds, autocast=autocast)
         for n, image in zip(numbers, images, strict=True):
             stem = f"class_{n}_{image.info['seed']}"
             if (class_dir / f"{stem}.png").exists():  # never overwrite, even a file that appeared meanwhile
@@ -416,3 +482,113 @@ def generate_class_images(pipeline: Any, concept: Concept, class_dir: Path, need
         if progress is not None:
             progress(len(written), missing)
     return written
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the one entry: previews, class images, "Generate samples now"
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """Every setting that changes how the extension samples, from the config (the attention is set on the models
+    when they are loaded: the trainer's setup, :func:`sample_now`)."""
+
+    scheduler: str = "dpmpp_2m"
+    clip_skip: int = 1  # as training encodes the prompts
+    autocast: torch.dtype | None = None  # the run's mixed precision
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, autocast: torch.dtype | None) -> SampleSettings:
+        return cls(scheduler=cfg.sample_scheduler, clip_skip=cfg.clip_skip, autocast=autocast)
+
+
+class Sampler:
+    """Images from the models in memory (see the module docstring), for previews and class images.
+
+    ``expand`` turns a prompt into what the text encoders must see (a textual-inversion word's vectors)."""
+
+    def __init__(self, models: Any, device: torch.device, settings: SampleSettings,
+                 expand: Callable[[str], str] | None = None) -> None:
+        self.device = device
+        self.settings = settings
+        self.expand = expand or (lambda prompt: prompt)
+        scheduler = make_scheduler(settings.scheduler, models.scheduler_config)
+        self.pipeline = build_pipeline(models.family.id, models.modules_for_pipeline(), scheduler)
+
+    def request(self, concept: Concept, prompt: str, seed: int, size: int) -> SampleRequest:
+        return SampleRequest(self.expand(prompt), concept.sample_negative_prompt, seed, concept.sample_steps,
+                             concept.sample_guidance_scale, size, size, self.settings.scheduler,
+                             self.settings.clip_skip)
+
+    def previews(self, concepts: list[Concept], size: int, folder: Path, stem: Callable[[int, int], str],
+                 extra: Mapping[str, str], after_each: Callable[[], None] | None = None) -> list[Path]:
+        """Each concept's preview images (:func:`sample_prompts`), written as ``folder/<stem(concept, n)>.png``."""
+        written = []
+        for index, concept in enumerate(concepts):
+            for n, prompt in enumerate(sample_prompts(concept, concept.instance_prompt)):
+                seed = concept.sample_seed if concept.sample_seed >= 0 else random.randrange(SEED_LIMIT)
+                req = self.request(concept, prompt, seed + n, size)
+                image = generate(self.pipeline, req, self.device, self.settings.autocast)
+                if after_each is not None:
+                    after_each()
+                written.append(save_sample(image, folder, stem(index, n), req, extra))
+        return written
+
+    def class_images(self, concept: Concept, folder: Path, needed: int, size: int, seed: int,
+                     progress: Callable[[int, int], None] | None = None) -> list[Path]:
+        """See :func:`generate_class_images`."""
+        return generate_class_images(self.pipeline, concept, folder, needed, scheduler=self.settings.scheduler,
+                                     width=size, height=size, seed=seed, clip_skip=self.settings.clip_skip,
+                                     autocast=self.settings.autocast, progress=progress)
+
+
+def fill_class_folders(concepts: list[Concept], folders: list[Path], sampler: Callable[[], Sampler], size: int,
+                       seed: int, report: Callable[[str, bool], None]) -> None:
+    """Generate what the class folders lack: ``num_class_images_per`` per instance image for each concept with prior
+    preservation. ``sampler()`` is called once, when the first image is missing; ``report(message, starting)``
+    tells the run what happens (``starting``: a concept's generation begins)."""
+    made: Sampler | None = None
+    for index, (concept, folder) in enumerate(zip(concepts, folders, strict=True)):
+        if concept.num_class_images_per <= 0:
+            continue
+        needed = concept.num_class_images_per * len(list_images(concept.instance_data_dir))
+        clean_stale_temps(folder, r"class_\d+_\d+(_[0-9a-f]+)?\.png")  # images cut off by a crash
+        missing = needed - count_images(folder)
+        if missing <= 0:
+            continue
+        report(f"generating {missing} class images for concept {index}", True)
+        made = made or sampler()
+
+        def progress(done: int, total: int, index: int = index) -> None:
+            report(f"generated {done} of {total} class images for concept {index}", False)
+            fault_point("class")  # test hook: a batch of class images written
+
+        made.class_images(concept, folder, needed, size, seed, progress)
+
+
+def sample_now(model: Any, cfg: TrainConfig, device: str | None, attention_default: str = "sdp") -> list[Path]:
+    """Previews of ``model``'s working weights for each concept of ``cfg``, as the trainer makes them (same
+    settings, attention and precision), named ``now_step<steps>_<tag>_c<concept>_<n>.png``."""
+    from .config import resolve_concepts
+    from .train.models import load_models, set_attention
+    from .train.options import attention_for, autocast_dtype, pick_device
+
+    concepts = resolve_concepts(cfg)
+    models = load_models(model.working, cfg.family)
+    dev = pick_device(device)
+    set_attention(models, attention_for(cfg.attention, attention_default))
+    for module in (models.unet, models.vae, *models.text_encoders):
+        module.to(dev)
+    settings = SampleSettings.from_config(cfg, autocast_dtype(cfg.mixed_precision, dev))
+    tag = secrets.token_hex(3)
+    sampler: Sampler | None = None
+    try:
+        sampler = Sampler(models, dev, settings)
+        return sampler.previews(concepts, cfg.resolution or models.family.resolution, model.samples,
+                                lambda c, n: f"now_step{cfg.revision:06d}_{tag}_c{c}_{n}",
+                                {"step": str(cfg.revision), "epoch": str(cfg.epochs_trained), "model": model.name,
+                                 "kind": "manual"})
+    finally:
+        del sampler, models  # the weights go before the cache is emptied
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()

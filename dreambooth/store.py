@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import StoreError
+from .platform_compat import reserved_on_windows
 
 MODELS_ROOT_ENV = "DREAMBOOTH_MODELS_ROOT"
 STORE_FOLDER = "dreambooth"
 SUBDIRS = ("working", "samples", "logs", "checkpoints", "backups")
 MAX_NAME_LENGTH = 100
 
-_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))}
 _FORBIDDEN_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f]')
 
 
@@ -56,7 +56,7 @@ def validate_name(name: object) -> str:
         raise StoreError(f"model name {name!r} contains '..'", hint)
     if name != name.strip() or name.startswith(".") or name.endswith("."):
         raise StoreError(f"model name {name!r} starts or ends with a space or a dot", hint)
-    if name.split(".")[0].upper() in _WINDOWS_RESERVED:
+    if reserved_on_windows(name):
         raise StoreError(f"model name {name!r} is a reserved device name on Windows", hint)
     if unicodedata.normalize("NFC", name) != name:
         raise StoreError(f"model name {name!r} is not in Unicode normal form", "retype the name")
@@ -100,6 +100,10 @@ class ModelDir:
     @property
     def status_path(self) -> Path:
         return self.path / "status.json"
+
+    def class_images(self, index: int, class_data_dir: str = "") -> Path:
+        """The class images of the ``index``-th concept: its own folder, else one in the model dir."""
+        return Path(class_data_dir) if class_data_dir else self.path / "classes" / f"concept_{index}"
 
     def exists(self) -> bool:
         return self.config_path.is_file() and self.working.is_dir()

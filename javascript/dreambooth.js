@@ -5,8 +5,9 @@
 // second, one request at a time (the next click waits until the previous answer changed data-db-tick), which
 // refreshes the progress bar, loss chart, gallery and log; and it puts the percentage in the page title.
 // Once the page is up it also refreshes the model and checkpoint lists (they are filled when the tab is built,
-// which in the WebUI is once, at start). It starts from the WebUI's onUiLoaded when that exists, and on its own
-// in the standalone app.
+// which in the WebUI is once, at start). The worker-log box (#dreambooth_log) follows its newest line: when new
+// lines come it is scrolled to the bottom, unless the user has scrolled up to read (gradio 3's textbox shows its
+// top). It starts from the WebUI's onUiLoaded when that exists, and on its own in the standalone app.
 (function () {
   "use strict";
 
@@ -61,10 +62,34 @@
     }
   }
 
+  function atBottom(box) {
+    return box.scrollTop + box.clientHeight >= box.scrollHeight - 4;
+  }
+
+  function followLog() {
+    var box = root().querySelector("#dreambooth_log textarea");
+    if (!box) {
+      return;
+    }
+    if (!box.dataset.dbFollow) {
+      box.dataset.dbFollow = "1";
+      box.addEventListener("scroll", function () {
+        box.dataset.dbFollow = atBottom(box) ? "1" : "0"; // scrolled up to read: stay there
+      });
+    }
+    if (box.value !== box.dataset.dbSeen) {
+      box.dataset.dbSeen = box.value;
+      if (box.dataset.dbFollow === "1") {
+        box.scrollTop = box.scrollHeight;
+      }
+    }
+  }
+
   function tick() {
     if (!listsRefreshed) {
       refreshLists();
     }
+    followLog();
     var block = statusBlock();
     if (!block) {
       return;

@@ -12,6 +12,7 @@ from bench import flops, report
 from bench.matrix import TARGETS, Case
 from bench.ours import unavailable_settings
 from bench.run import main
+from dreambooth import compat
 from dreambooth.tiny import tiny_config
 
 
@@ -213,3 +214,22 @@ def test_the_tracker_leaves_offloaded_modules_out_of_the_device_peak():
     result = tracker.result()
     assert result["offloaded_bytes"] == sum(p.numel() * 4 for p in offloaded.parameters())
     assert result["peak_weights_bytes"] == sum(p.numel() * 4 for p in on_device.parameters())
+
+
+@pytest.mark.slow
+def test_the_one_call_gpu_check_runs_its_checks_on_the_cpu(tmp_path):
+    """bench/gpu_check.py on the CPU with tiny models (as the suite can run it): every asked check gives a row, the
+    fp16 one runs where this torch has the CPU grad scaler, resume is exact, xformers is skipped with its reason."""
+    from bench import gpu_check
+
+    code = gpu_check.main(["--device", "cpu", "--no-matrix", "--out", str(tmp_path),
+                           "--checks", "fp16_grad_scaler,resume_exact,sdxl_preview,xformers"])
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    rows = {r["check"]: r for r in result["checks"]}
+    assert list(rows) == ["fp16_grad_scaler", "resume_exact", "sdxl_preview", "xformers"]
+    fp16 = "PASS" if compat.grad_scaler_available("cpu") else "SKIP"
+    assert rows["fp16_grad_scaler"]["result"] == fp16, rows["fp16_grad_scaler"]
+    assert rows["resume_exact"]["result"] == "PASS", rows["resume_exact"]
+    assert rows["sdxl_preview"]["result"] == "PASS", rows["sdxl_preview"]
+    assert rows["xformers"]["result"] == "SKIP" and "xformers" in rows["xformers"]["detail"]
+    assert code == 0 and "resume_exact" in (tmp_path / "gpu_check.txt").read_text()

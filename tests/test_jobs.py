@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import make_training_model
 
-from dreambooth import jobs, lock
+from dreambooth import jobs, lock, platform_compat
 from dreambooth.config import Concept, TrainConfig
 from dreambooth.errors import ConfigError, UserError
 from dreambooth.store import ModelDir, model_dir
@@ -105,16 +105,16 @@ def test_unreadable_lock_is_taken_over(tmp_path, caplog, content):
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 def test_reused_pid_and_zombie_count_as_dead(tmp_path):
     write_lock(tmp_path, pid=os.getpid(), started_at=0, host=lock.socket.gethostname(),
-               start_ticks=lock.process_start_ticks(os.getpid()) - 1)
+               start_ticks=platform_compat.process_start_ticks(os.getpid()) - 1)
     assert lock.holder(tmp_path) is None  # our pid, but the lock's process started at another time
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         write_lock(tmp_path, pid=proc.pid, started_at=0, host=lock.socket.gethostname(),
-                   start_ticks=lock.process_start_ticks(proc.pid))
+                   start_ticks=platform_compat.process_start_ticks(proc.pid))
         assert lock.holder(tmp_path)["pid"] == proc.pid
         proc.kill()
         deadline = time.time() + 10
-        while not lock._is_zombie(proc.pid) and time.time() < deadline:
+        while not platform_compat.is_zombie(proc.pid) and time.time() < deadline:
             time.sleep(0.01)
         assert lock.holder(tmp_path) is None  # exited but not reaped: os.kill(pid, 0) alone would say alive
     finally:
@@ -261,7 +261,7 @@ def test_a_trainer_run_without_the_lock_counts_by_the_pid_in_its_status(tmp_path
         jobs.cancel(md)
         assert (md.path / "cancel.request").exists() and proc.poll() is None  # a request, no signal: it is running
         (md.path / "cancel.request").unlink()
-        if lock.process_started_at(proc.pid) is not None:  # the pid belongs to a process younger than the run
+        if platform_compat.process_started_at(proc.pid) is not None:  # the pid: a process younger than the run
             md.status_path.write_text(json.dumps({"state": "running", "pid": proc.pid, "started_at": 1000.0}))
             assert not jobs.running(md)
     finally:
@@ -301,3 +301,47 @@ def test_real_worker_trains_to_done_while_the_caller_goes_on(tmp_path, tiny_chec
     assert final["pid"] == pid and final["step"] == final["total_steps"] == 4 and final["attention"] == "default"
     assert not final["running"] and lock.holder(md.path) is None and jobs.exit_code(pid, wait=30) == 0
     assert "training m" in (md.logs / "worker.log").read_text()
+
+
+def test_a_pause_sent_while_the_worker_starts_holds_it_before_its_first_step(tmp_path, tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    md = make_training_model(tmp_path, tiny_checkpoint("sd1"), epochs=1)
+    (md.path / "cancel.request").touch()  # left by an earlier run: must not cancel this one
+    jobs.start(md, models_root=tmp_path, device="cpu", attention_default="default")
+    jobs.pause(md)  # at once: the worker is still starting its Python
+    deadline = time.monotonic() + 300
+    while (jobs.status(md).get("state") != "paused" or not jobs.running(md)) and time.monotonic() < deadline:
+        assert jobs.status(md).get("state") in jobs.ACTIVE_STATES, jobs.status(md)
+        time.sleep(0.1)
+    paused = jobs.status(md)
+    assert paused["state"] == "paused" and paused["step"] == 0, paused
+    assert (md.logs / "loss.csv").read_text().splitlines()[1:] == []  # no step was trained or logged
+    jobs.cancel(md)
+    final = jobs.wait(md, timeout=120)
+    assert final["state"] == "cancelled" and final["step"] == 0, final
+    assert not (md.path / "pause.request").exists() and not (md.path / "cancel.request").exists()
+
+
+def test_controls_keep_requests_made_for_this_run_and_drop_an_earlier_runs(tmp_path):
+    from dreambooth.train.status import Controls, request_cancel, request_pause
+
+    md = fake_model(tmp_path)
+    request_pause(md)
+    request_cancel(md)
+    launched = Controls(md, install_signal_handlers=False, clear_requests=False)  # a worker jobs.start launched
+    assert launched.pause_requested and launched.cancel_requested
+    launched.close()  # the run is over: its requests go with it
+    assert not (md.path / "pause.request").exists() and not (md.path / "cancel.request").exists()
+    request_pause(md)
+    direct = Controls(md, install_signal_handlers=False)  # a trainer run directly: nobody cleared before it
+    assert not direct.pause_requested and not direct.cancel_requested
+    direct.close()
+
+
+def test_the_worker_knows_it_was_launched_by_the_lock_it_took_over(tmp_path, monkeypatch):
+    launcher = lock.acquire(tmp_path)
+    assert not launcher.handed_over
+    monkeypatch.setenv(lock.TOKEN_ENV, launcher.token)
+    worker = lock.acquire(tmp_path)
+    assert worker.handed_over
+    worker.release()

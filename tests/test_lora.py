@@ -446,7 +446,12 @@ def test_training_steps_change_only_the_lora_weights():
     params = network.parameters_for("unet") + network.parameters_for("text_encoder")
     assert len(params) == len(list(network.parameters())) == 2 * len(network.names())
     optimizer = torch.optim.AdamW(params, lr=1e-3)
-    sample, _, _ = _unet_inputs(SD1, modules["unet"])
+    # 16x16 latents: every attention block (the mid block's too, after the down blocks halve the size) sees several
+    # tokens. Over a single token softmax is constant, so to_q / to_k get an exactly zero gradient there and their
+    # LoRA could not move on a CPU whose kernels compute that zero exactly. With several tokens every LoRA module
+    # gets a nonzero gradient, and AdamW moves every weight with a nonzero gradient by about lr: each lora_up changes.
+    sample = torch.randn(1, modules["unet"].config.in_channels, 16, 16, generator=torch.Generator().manual_seed(1))
+    assert 16 // 2 ** (len(modules["unet"].down_blocks) - 1) >= 2  # the mid block's side: >= 2x2 tokens
     ids = torch.randint(0, 1000, (1, 6), generator=torch.Generator().manual_seed(5))
     for _ in range(3):
         context = modules["text_encoder"](ids).last_hidden_state

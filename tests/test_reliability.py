@@ -17,6 +17,7 @@ from dreambooth.atomic import fault_point
 from dreambooth.compat import is_out_of_memory
 from dreambooth.errors import UserError
 from dreambooth.train import loop as loop_module
+from dreambooth.train import saving as saving_module
 from dreambooth.train.loop import RunOptions, Trainer
 from dreambooth.train.resume import latest_state, list_states, load_state, save_state
 
@@ -111,14 +112,14 @@ def test_a_save_the_disk_cannot_hold_stops_with_a_clear_message(tmp_path, sd1, m
         saves.append(self.step)
         if len(saves) == 2:  # the disk fills up before the second save
             before.update(snapshot(md.path, exports))
-            monkeypatch.setattr(loop_module.shutil, "disk_usage", lambda path: Usage(10 * 2**30, 10 * 2**30, 2**20))
+            monkeypatch.setattr(saving_module.shutil, "disk_usage", lambda path: Usage(10 * 2**30, 10 * 2**30, 2**20))
         original_save(self)
 
     before: dict[str, bytes] = {}
     monkeypatch.setattr(Trainer, "_save", save)
     with pytest.raises(UserError) as err:
         run(md, export_dir=exports)
-    monkeypatch.setattr(loop_module.shutil, "disk_usage", real_usage)
+    monkeypatch.setattr(saving_module.shutil, "disk_usage", real_usage)
     message = str(err.value)
     assert "not enough free disk space to save at step 8" in message
     assert "needs about" in message and "1.0 MB is free" in message and str(md.checkpoints) in message
@@ -137,13 +138,13 @@ def test_the_space_estimate_covers_what_a_save_writes(tmp_path, sd1, monkeypatch
     md = make_training_model(tmp_path, sd1, epochs=1, save_every_n_epochs=1, save_checkpoint=True, use_ema=True,
                              text_encoder_ratio=1.0)
     estimates = []
-    real_check = Trainer._check_disk_space
+    real_check = saving_module.check_disk_space
 
-    def check(self, sizes):
+    def check(sizes, step):
         estimates.append(dict(sizes))
-        real_check(self, sizes)
+        real_check(sizes, step)
 
-    monkeypatch.setattr(Trainer, "_check_disk_space", check)
+    monkeypatch.setattr(saving_module, "check_disk_space", check)
     run(md, export_dir=exports)
     (sizes,) = estimates
 
@@ -151,16 +152,16 @@ def test_the_space_estimate_covers_what_a_save_writes(tmp_path, sd1, monkeypatch
         return sum(p.stat().st_size for p in folder.rglob("*.safetensors")) + \
             sum(p.stat().st_size for p in folder.rglob("*.pt"))
 
-    assert sizes[md.checkpoints] * loop_module.DISK_MARGIN >= written(md.checkpoints)
-    assert sizes[exports] * loop_module.DISK_MARGIN >= written(exports) >= sizes[exports] * 0.9
+    assert sizes[md.checkpoints] * saving_module.DISK_MARGIN >= written(md.checkpoints)
+    assert sizes[exports] * saving_module.DISK_MARGIN >= written(exports) >= sizes[exports] * 0.9
     working = sum((md.working / c / "diffusion_pytorch_model.safetensors").stat().st_size for c in ("unet", "unet_ema"))
     working += (md.working / "text_encoder" / "model.safetensors").stat().st_size
-    assert sizes[md.working] * loop_module.DISK_MARGIN >= working
+    assert sizes[md.working] * saving_module.DISK_MARGIN >= working
 
 
 def test_disk_space_is_checked_for_lora_saves_too(tmp_path, sd1, monkeypatch):
     md = make_training_model(tmp_path, sd1, epochs=1, method="lora", lora_rank=4, save_checkpoint=True)
-    monkeypatch.setattr(loop_module.shutil, "disk_usage", lambda path: Usage(2**30, 2**30, 100))
+    monkeypatch.setattr(saving_module.shutil, "disk_usage", lambda path: Usage(2**30, 2**30, 100))
     with pytest.raises(UserError, match="not enough free disk space"):
         run(md, lora_dir=tmp_path / "Lora")
     assert not list_states(md.checkpoints) and not (tmp_path / "Lora").exists()
@@ -177,7 +178,7 @@ def test_a_failing_save_on_cancel_ends_as_failed_not_cancelled(tmp_path, sd1, mo
             (md.path / "cancel.request").touch()
 
     monkeypatch.setattr(Trainer, "_optimizer_step", step_then_cancel)
-    monkeypatch.setattr(loop_module.shutil, "disk_usage", lambda path: Usage(2**30, 2**30, 100))
+    monkeypatch.setattr(saving_module.shutil, "disk_usage", lambda path: Usage(2**30, 2**30, 100))
     with pytest.raises(UserError):
         run(md)
     status = json.loads(md.status_path.read_text())

@@ -15,11 +15,13 @@ import pytest
 from conftest import cancelled_at, make_training_model
 
 from dreambooth import jobs, lock
+from dreambooth.compat import is_out_of_memory
 from dreambooth.config import Concept, TrainConfig
 from dreambooth.errors import UserError
 from dreambooth.store import model_dir, store_dir
 from dreambooth.train import loop as loop_module
-from dreambooth.train.loop import OOM_ENV, RunOptions, Trainer, oom_point
+from dreambooth.train.loop import RunOptions, Trainer
+from dreambooth.train.oom import OOM_ENV, oom_point
 from dreambooth.train.status import StatusWriter
 
 
@@ -178,7 +180,7 @@ def test_the_oom_hook_does_nothing_without_its_variable_and_raises_like_cuda_wit
     oom_point(3, 1)  # a batch small enough
     with pytest.raises(RuntimeError, match="out of memory") as err:
         oom_point(3, 2)
-    assert loop_module.is_out_of_memory(err.value)
+    assert is_out_of_memory(err.value)
 
 
 def test_oom_retry_halves_the_batch_doubles_accumulation_and_completes(tmp_path, sd1, monkeypatch, caplog):
@@ -217,7 +219,7 @@ def test_oom_retry_gives_the_same_update_as_the_full_batch(tmp_path, sd1, monkey
         trainer.micro_batch = micro
         monkeypatch.setattr(loop_module, "compute_loss", _fixed_noise_loss(loop_module.compute_loss))
         trainer._backward(group, settings, [1e-3])
-        grads.append([p.grad.clone() for p in trainer.unet_params if p.grad is not None])
+        grads.append([p.grad.clone() for p in trainer.trained_params if p.grad is not None])
         trainer.optimizer.zero_grad(set_to_none=True)
         monkeypatch.undo()
     trainer.controls.close()

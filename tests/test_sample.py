@@ -24,7 +24,7 @@ from dreambooth.config import Concept
 from dreambooth.create import create_model
 from dreambooth.errors import UserError
 from dreambooth.sample import (
-    SAMPLE_SCHEDULERS,
+    SCHEDULER_CLASSES,
     LMSScheduler,
     SampleRequest,
     build_pipeline,
@@ -106,7 +106,7 @@ def pixels(image: Image.Image) -> np.ndarray:
 # schedulers
 
 
-@pytest.mark.parametrize("name", list(SAMPLE_SCHEDULERS))
+@pytest.mark.parametrize("name", list(SCHEDULER_CLASSES))
 def test_every_scheduler_makes_an_image_of_the_requested_size(sd1, name):
     pipeline, _, _ = sd1
     image = generate(pipeline, request(scheduler=name, width=SIZE, height=2 * SIZE))
@@ -118,7 +118,7 @@ def test_every_scheduler_makes_an_image_of_the_requested_size(sd1, name):
 def test_make_scheduler_keeps_the_models_schedule_and_prediction_type(other_families):
     _, config = other_families("sd2v")
     assert config["prediction_type"] == "v_prediction"
-    for name in SAMPLE_SCHEDULERS:
+    for name in SCHEDULER_CLASSES:
         scheduler = make_scheduler(name, config)
         assert scheduler.config.prediction_type == "v_prediction", name
         assert (scheduler.config.beta_start, scheduler.config.beta_end) == (0.00085, 0.012), name

@@ -104,7 +104,7 @@ def test_offloading_fills_the_caches_first_and_keeps_the_frozen_models_off_durin
 
     def spy(self, group):
         if self.offloader is not None:
-            seen.append((self.vae_encodes, self.text_cache.encodes, list(self.offloader.offloaded)))
+            seen.append((self.latents.encodes, self.text_cache.encodes, list(self.offloader.offloaded)))
         real_step(self, group)
 
     monkeypatch.setattr(Trainer, "_optimizer_step", spy)
@@ -124,7 +124,7 @@ def test_offloading_fills_the_caches_first_and_keeps_the_frozen_models_off_durin
     # before the first step every latent (2 images x 2 flips) and the prompt are cached, and nothing more is
     # encoded during the steps: the VAE and text encoder are idle and offloaded
     assert len(seen) == 4 and all(s == (4, 1, [models.vae, models.text_encoders[0]]) for s in seen)
-    assert off.vae_encodes == 4 and off.text_cache.encodes == 1
+    assert off.latents.encodes == 4 and off.text_cache.encodes == 1
     assert on_device == [2, 2]  # both previews had them back on the device
     assert len(losses(md_off)) == len(losses(md_plain)) == 4
 
@@ -430,13 +430,13 @@ def test_pinned_memory_only_on_cuda(monkeypatch):
 
 def test_pinned_memory_setting_reaches_the_copy_path(tmp_path, sd1, monkeypatch):
     seen = []
-    real = loop_module.to_device
+    real = caches_module.to_device
 
     def spy(tensor, device, pinned):
         seen.append(pinned)
         return real(tensor, device, False)  # no CUDA here to pin for
 
-    monkeypatch.setattr(loop_module, "to_device", spy)
+    monkeypatch.setattr(caches_module, "to_device", spy)
     monkeypatch.setattr(loop_module, "use_pinned_memory", lambda enabled, device: enabled)
     train(tmp_path, sd1, "pin", pin_memory=True, epochs=1)
     train(tmp_path, sd1, "nopin", pin_memory=False, epochs=1)

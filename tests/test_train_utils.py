@@ -10,11 +10,12 @@ import types
 import pytest
 import torch
 
+from dreambooth.config import LR_SCHEDULERS, OPTIMIZERS
 from dreambooth.errors import UserError
 from dreambooth.train import optimizers as optimizers_module
 from dreambooth.train.ema import EMA
-from dreambooth.train.optimizers import OPTIMIZERS, Lion, OptimizerSettings, make_optimizer
-from dreambooth.train.schedules import SCHEDULERS, lr_multiplier, make_lr_scheduler
+from dreambooth.train.optimizers import Lion, OptimizerSettings, make_optimizer
+from dreambooth.train.schedules import lr_multiplier, make_lr_scheduler
 
 UNET_LR, TE_LR = 2e-3, 5e-4
 TOTAL, WARMUP = 40, 8
@@ -60,7 +61,7 @@ def run_curve(opt, sched, steps: int) -> list[tuple[float, float]]:
 # ------------------------------------------------------------------------------------------- schedules
 
 
-@pytest.mark.parametrize("name,cycles,power", [(n, 1, 1.0) for n in SCHEDULERS]
+@pytest.mark.parametrize("name,cycles,power", [(n, 1, 1.0) for n in LR_SCHEDULERS]
                          + [("cosine_with_restarts", 3, 1.0), ("polynomial", 1, 2.0), ("polynomial", 1, 0.5)])
 def test_schedule_curve_matches_formula(name, cycles, power):
     opt, _ = make_optimizer(two_groups(), settings("adamw"))

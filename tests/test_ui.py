@@ -391,11 +391,14 @@ def test_poll_renders_status_loss_previews_and_log(model):
     assert "<svg" in loss and "<path d='M" in loss and "loss at step 3: 0.4" in loss
     [(image, caption)] = gallery
     assert image.size == (64, 64) and caption == "step 10: a photo of zwx disc"
-    assert log_text.splitlines()[-1] == "line 99" and len(log_text.splitlines()) == 12
+    assert log_text.splitlines() == [f"line {i}" for i in range(100)]  # the newest at the bottom
     assert host.exported == [host.checkpoint_dir() / "m_10.safetensors"]
 
     again = handlers.poll("m", seen)
-    assert again[2] == "NO_CHANGE"  # the same previews are not sent again
+    assert again[2] == again[3] == "NO_CHANGE"  # the same previews and log are not sent again
+    with open(md.logs / "worker.log", "a") as fh:
+        fh.write("\nline 100")
+    assert handlers.poll("m", again[5])[3].splitlines()[-1] == "line 100"
     assert host.exported == [host.checkpoint_dir() / "m_10.safetensors"]  # told once
 
 
@@ -561,3 +564,17 @@ def test_settings_of_other_methods_are_hidden():
                                   ("lora", ["lora_rank", "learning_rate"], ["use_ema", "export_ema"])):
         visible = shown_for_method(method, controls)
         assert all(visible[names[n]] for n in shown) and not any(visible[names[n]] for n in hidden)
+
+
+def test_changing_the_optimizer_hides_the_settings_it_ignores(built):
+    demo, _, components = built
+    wired = [f for f in compat.event_functions(demo) if getattr(f, "__name__", "") == "show_for"]
+    assert len(wired) == 2  # run when the method changes and when the optimizer changes
+
+    def hidden(method: str, optimizer: str) -> int:
+        return sum(1 for update in wired[0](method, optimizer) if update.get("visible") is False)
+
+    assert hidden("dreambooth", "adafactor") == hidden("dreambooth", "adamw") + 3  # both betas and the epsilon
+    assert hidden("dreambooth", "lion") == hidden("dreambooth", "adamw") + 1  # the epsilon
+    assert hidden("lora", "adafactor") == hidden("lora", "adamw") + 3
+    assert components["dbt_adam_epsilon"].visible  # the default optimizer (AdamW) reads it

@@ -2,20 +2,22 @@
 # One entry for contributors and CI:
 #   bash tools/dev.sh demo         set everything up, then run the demo
 #   bash tools/dev.sh test [ARGS]  set everything up, then run the tests (ruff, then pytest ARGS, one worker per core)
-# Setup makes .venv (or $VENV) with torch==2.13.0 installed first, on its own, so that nothing can pull a second
-# torch, then the requirements of $DREAMBOOTH_PROFILE (host: the WebUI's pinned versions, the default; current).
+# Setup makes .venv (or $VENV) with the profile's torch (the torch==X line of its requirements file: host 2.1.2, the
+# WebUI v1.10.1's own; current 2.13.0) installed first, on its own, so that nothing can pull a second torch, then the
+# requirements of $DREAMBOOTH_PROFILE (host: the WebUI's pinned versions, the default; current: current releases).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 profile=${DREAMBOOTH_PROFILE:-host}
 venv=${VENV:-.venv}
 py="$venv/bin/python"
 [ -x "$py" ] || python3 -m venv "$venv"
+torch_pin=$(grep -E '^torch==' "requirements/$profile.txt" | cut -d' ' -f1)
+[ -n "$torch_pin" ] || { echo "requirements/$profile.txt names no torch==VERSION" >&2; exit 2; }
 stamp="$venv/.installed-$profile-$(cat "requirements/$profile.txt" requirements/dev.txt | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
-  echo "setting up $venv ($profile profile)..."
-  "$py" -m pip install -q --disable-pip-version-check torch==2.13.0
-  "$py" -m pip install -q --disable-pip-version-check -r "requirements/$profile.txt" -r requirements/dev.txt \
-    torch==2.13.0
+  echo "setting up $venv ($profile profile, $torch_pin)..."
+  "$py" -m pip install -q --disable-pip-version-check "$torch_pin"
+  "$py" -m pip install -q --disable-pip-version-check -r "requirements/$profile.txt" -r requirements/dev.txt
   rm -f "$venv"/.installed-*
   touch "$stamp"
 fi

@@ -6,8 +6,8 @@ in seconds and a broken file is reported before the models load. Pixels are deco
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ from ..errors import UserError
 from .buckets import choose_bucket, fit_to_bucket, make_buckets
 from .captions import build_prompt, read_caption, shuffle_tags
 from .images import ImageError, list_images, load_image, probe_image, to_tensor
+from .steps import count_steps
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +170,8 @@ class TrainingData:
 
         The count is the same for every epoch unless one concept's class images fall into different buckets.
         """
-        if grad_accum < 1:
-            raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
-        return math.ceil(len(self.epoch_batches(epoch, batch_size)) / grad_accum)
+        batches = self.epoch_batches(epoch, batch_size)
+        return count_steps(sum(map(len, batches)), batch_size, grad_accum, 1, batches=len(batches)).per_epoch
 
     # ------------------------------------------------------------------------------------------- per example
 
@@ -189,3 +189,16 @@ class TrainingData:
         instance_token = "" if ex.is_class else concept.instance_token
         prompt = build_prompt(ex.caption_template, ex.caption, instance_token, concept.class_token)
         return shuffle_tags(prompt, keep_tokens, rng) if shuffle else prompt
+
+
+def check_instance_prompts(concepts: list[Concept], resolution: int, enable_buckets: bool, seed: int) -> None:
+    """Refuse missing folders and unusable images or captions, and an image whose training prompt is empty, before
+    any model loads (class images are checked once they exist)."""
+    concepts = [dataclasses.replace(c, num_class_images_per=0) for c in concepts]
+    for ex in TrainingData(concepts, resolution, enable_buckets=enable_buckets, seed=seed).all_examples():
+        concept = concepts[ex.concept]
+        if not build_prompt(ex.caption_template, ex.caption, concept.instance_token, concept.class_token):
+            raise UserError(f"the training prompt of {ex.image} is empty (the prompt {ex.caption_template!r} "
+                            f"with its caption {ex.caption!r})",
+                            "write the captions into the .txt files beside the images, or set an instance "
+                            "prompt or instance token")

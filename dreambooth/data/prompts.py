@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
+from ..config import LONG_PROMPTS
+
 WINDOW = 75  # tokens per text-encoder pass, without bos and eos
 SEQUENCE = WINDOW + 2
-MODES = ("truncate", "chunk")
 
 
 def _short(prompt: str, limit: int = 60) -> str:
@@ -35,8 +36,8 @@ def tokenize_prompts(tokenizer: Any, prompts: list[str], mode: str) -> tuple[tor
     ``truncate`` gives n = 1. ``chunk`` gives n = the most 75-token windows any prompt needs; shorter prompts get
     windows of just bos + eos + padding, so row i's window k is ``ids[i, 77*k : 77*(k+1)]``.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode not in LONG_PROMPTS:
+        raise ValueError(f"mode must be one of {', '.join(LONG_PROMPTS)}, got {mode!r}")
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     # verbose=False: the tokenizer's own "longer than 77" warning is replaced by ours (or not needed when chunking)

@@ -1,4 +1,6 @@
-"""The text embedding cache, and where the frozen models live while the caches stand in for them.
+"""The latent and text embedding caches, and where the frozen models live while the caches stand in for them.
+
+:class:`LatentCache`: with cached latents each image (per bucket and flip) goes through the VAE once.
 
 :class:`TextEmbeddingCache`: while the text encoder(s) are frozen for a step (not trained, or past the text
 encoder step ratio, and no textual inversion), each distinct prompt is encoded once and its hidden states (and
@@ -15,17 +17,50 @@ where the encoder is, on the CPU, and the result moved to the device.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import torch
 
+from ..data.dataset import Example, TrainingData
+from ..data.prompts import tokenize_prompts
 from .conditioning import encode_tokens
 from .models import Models
+from .speed import to_device
 
 log = logging.getLogger(__name__)
 
 Key = tuple[tuple[int, ...], ...]
+
+
+class LatentCache:
+    """The scaled VAE latent (the distribution's mean) of each example; kept when ``enabled`` (cached latents)."""
+
+    def __init__(self, models: Models, data: TrainingData, device: torch.device, pinned: bool, enabled: bool) -> None:
+        self.models, self.data, self.device, self.pinned, self.enabled = models, data, device, pinned, enabled
+        self.entries: dict[tuple[Path, tuple[int, int], bool], torch.Tensor] = {}
+        self.encodes = 0  # how many images went through the VAE (a cache hit adds none)
+
+    @torch.no_grad()
+    def get(self, ex: Example, flip: bool) -> torch.Tensor:
+        key = (ex.image, ex.bucket, flip)
+        if self.enabled and key in self.entries:
+            return self.entries[key]
+        pixels = to_device(self.data.load_pixels(ex, flip), self.device, self.pinned)[None]
+        vae = self.models.vae
+        pixels = pixels.to(vae.dtype)  # bf16 with bf16 weights; the latent is kept in fp32 either way
+        latent = vae.encode(pixels).latent_dist.mode()[0].float() * vae.config.scaling_factor
+        self.encodes += 1
+        if self.enabled:
+            self.entries[key] = latent
+        return latent
+
+    def fill(self, hflip: bool) -> None:
+        """Every example's latent (and its mirror image's with ``hflip``) up front."""
+        for ex in self.data.all_examples():
+            for flip in (False, True) if hflip else (False,):
+                self.get(ex, flip)
 
 
 class TextEmbeddingCache:
@@ -41,6 +76,11 @@ class TextEmbeddingCache:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def fill(self, prompts: list[str], long_prompts: str) -> None:
+        """Encode these prompts now."""
+        for prompt in prompts:
+            self.get([tokenize_prompts(tokenizer, [prompt], long_prompts)[0] for tokenizer in self.models.tokenizers])
 
     @torch.no_grad()
     def _encode_row(self, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -99,3 +139,26 @@ class Offloader:
                 module.to("cpu")
             if modules and self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def offload_idle(models: Models, device: torch.device, latents: LatentCache, text: TextEmbeddingCache | None,
+                 prompts: Callable[[], list[str]] | None, hflip: bool, long_prompts: str) -> Offloader:
+    """Fill the caches up front and move the models they stand in for to the CPU: the VAE when latents are cached,
+    the text encoders when text embeddings are cached and the encoders are frozen (``prompts``: what to encode;
+    None while the encoders train)."""
+    idle: list[torch.nn.Module] = []
+    if latents.enabled:
+        latents.fill(hflip)
+        idle.append(models.vae)
+    else:
+        log.warning("offloading the VAE needs cached latents (the VAE encodes every step otherwise): it stays")
+    if text is None:
+        log.warning("offloading the text encoders needs cached text embeddings (and no textual inversion): "
+                    "they stay on the device")
+    elif prompts is not None:
+        text.fill(prompts(), long_prompts)
+        idle.extend(models.text_encoders)
+    offloader = Offloader(models, device)
+    if idle:
+        offloader.offload(idle)
+    return offloader

@@ -32,14 +32,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
 from ..families import SD1, SD2, SD2V, SDXL, get_family
+from ..platform_compat import reserved_on_windows
 from ..working import save_tensors
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,9 @@ class EmbeddingSettings:
         if bad:
             raise UserError(f"the embedding's token {token!r} contains {''.join(bad)!r}",
                             "use letters, digits, '.', '_' and '-' (the WebUI names the embedding by its file name)")
+        if reserved_on_windows(token):
+            raise UserError(f"the embedding's token {token!r} is a device name on Windows, where no file can be "
+                            f"called {token}.safetensors", "pick another word, e.g. 'zwx-style'")
         if token != token.lower():
             raise UserError(f"the embedding's token {token!r} has upper case letters",
                             f"CLIP reads every prompt in lower case; use {token.lower()!r}")
@@ -84,6 +91,11 @@ class EmbeddingSettings:
                             "leave it empty (or '*') for a random start")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise UserError(f"the embedding seed must be a whole number, not {self.seed!r}")
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> EmbeddingSettings:
+        return cls(token=cfg.embedding_token, vectors=cfg.embedding_vectors, init_word=cfg.embedding_init_word,
+                   seed=cfg.seed)
 
     @property
     def names(self) -> list[str]:

@@ -33,12 +33,12 @@ from typing import Any
 
 import torch
 
+from ..config import GLOBAL_OPTIMIZERS
 from ..errors import UserError
 from .precision import WeightPrecision, is_dense, padded_size, stochastic_write_back
 
 log = logging.getLogger(__name__)
 
-GLOBAL_OPTIMIZERS = ("dadaptation", "prodigy")  # they estimate a step size from all parameters at once
 BUCKET_ELEMENTS = 1 << 22  # 4M elements: the fp32 copies of a bucket (bf16 weights) take 16 MB each
 
 
@@ -229,6 +229,14 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        # torch casts every state tensor to its parameter's dtype; 8-bit optimizers (bitsandbytes) keep uint8
+        # moments beside fp32 quantization maps: give each state tensor back the dtype it was saved with
+        faces = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            loaded = self.state[faces[index]]
+            for key, value in saved.items():
+                if isinstance(value, torch.Tensor) and loaded[key].dtype != value.dtype:
+                    loaded[key] = value.to(device=loaded[key].device)
         for opt, *_ in self.inner.values():
             opt.state = self.state  # loading replaced the shared state object
         for bucket in self.buckets:

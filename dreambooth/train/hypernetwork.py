@@ -32,13 +32,16 @@ import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from ..atomic import write_bytes
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +118,11 @@ class HypernetworkSettings:
                             f"use one of {', '.join(ACTIVATIONS)}")
         if not isinstance(self.dropout, int | float) or isinstance(self.dropout, bool) or not 0 <= self.dropout < 1:
             raise UserError(f"hypernetwork dropout must be in [0, 1), not {self.dropout!r}")
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> HypernetworkSettings:
+        return cls(layer_structure=cfg.hypernetwork_layer_structure, activation=cfg.hypernetwork_activation,
+                   layer_norm=cfg.hypernetwork_layer_norm, dropout=cfg.hypernetwork_dropout)
 
     @property
     def dropout_structure(self) -> list[float]:

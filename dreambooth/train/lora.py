@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +41,9 @@ from ..errors import UserError
 from ..families import SD1, SD2, SD2V, SDXL, get_family
 from ..families.keys_unet import SD_UNET, SDXL_UNET, unet_key_map
 from ..working import save_tensors
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,11 @@ class LoraSettings:
             raise UserError(f"LoRA dropout must be in [0, 1), not {self.dropout!r}")
         if not (self.train_unet or self.train_text_encoder):
             raise UserError("a LoRA must train the UNet, the text encoder or both")
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, *, train_text_encoder: bool) -> LoraSettings:
+        return cls(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, conv_rank=cfg.lora_conv_rank,
+                   conv_alpha=cfg.lora_conv_alpha, train_unet=cfg.train_unet, train_text_encoder=train_text_encoder)
 
     @property
     def effective_alpha(self) -> float:

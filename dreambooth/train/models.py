@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import ATTENTION_MODES
 from ..errors import UserError
 from ..families import SDXL, Family, get_family
 from ..families.layout import normalize_diffusers_keys
@@ -88,9 +89,6 @@ def load_canonical(component: str, module: torch.nn.Module, state: dict[str, tor
         raise UserError(f"saved {component} weights lack {len(missing)} tensors (e.g. {sorted(missing)[0]})",
                         "the resume state is damaged; delete it to fall back to an older one")
     module.load_state_dict({own_name[k]: v for k, v in state.items() if k in own_name}, strict=False)
-
-
-ATTENTION_MODES = ("default", "xformers", "sdp")
 
 
 def set_attention(models: Models, mode: str) -> str:

@@ -6,6 +6,7 @@ optimizer is picked, so a missing one costs nothing until then.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 from collections.abc import Callable, Iterable
@@ -15,11 +16,12 @@ from typing import Any
 import torch
 
 from ..compat import fused_adamw_available
+from ..config import GLOBAL_OPTIMIZERS, OPTIMIZERS, TrainConfig
 from ..errors import UserError
+from .fused import ParamwiseOptimizer, check_fused, install_fused_step
+from .precision import WeightPrecision
 
 log = logging.getLogger(__name__)
-
-OPTIMIZERS = ("adamw", "adamw_8bit", "lion", "adafactor", "dadaptation", "prodigy")
 
 
 @dataclass
@@ -30,6 +32,11 @@ class OptimizerSettings:
     weight_decay: float
     betas: tuple[float, float]
     eps: float
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> OptimizerSettings:
+        return cls(name=cfg.optimizer, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                   eps=cfg.adam_epsilon)
 
 
 class Lion(torch.optim.Optimizer):
@@ -116,6 +123,31 @@ def make_optimizer(param_groups: list[dict], settings: OptimizerSettings) -> tup
         return adafactor(groups, lr=groups[0]["lr"], weight_decay=wd, relative_step=False, scale_parameter=False,
                          warmup_init=False), None
     return _adaptive(groups, settings)
+
+
+def build_optimizer(groups: list[dict], cfg: TrainConfig, precision: WeightPrecision, uses_grad_scaler: bool
+                    ) -> tuple[torch.optim.Optimizer, str | None]:
+    """A run's optimizer over ``groups``: the config's, as one optimizer per parameter where the weights are bf16 or
+    the step is fused into backward (:mod:`.fused`). Returns it and the note for the user (a fallback), if any."""
+    settings = OptimizerSettings.from_config(cfg)
+    optimizer, note = make_optimizer(groups, settings)
+    if note:
+        log.warning("%s", note)
+    if cfg.fused_backward_step:
+        check_fused(grad_accumulation=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm,
+                    uses_grad_scaler=uses_grad_scaler, optimizer=cfg.optimizer)
+    if cfg.fused_backward_step or precision.bf16:  # one optimizer per parameter, with the same state_dict format
+        if cfg.optimizer in GLOBAL_OPTIMIZERS:
+            raise UserError(f"{cfg.optimizer} estimates its step size from all parameters together and cannot "
+                            "update them one at a time (bf16 weights, optimizer step in backward)",
+                            "pick adamw, adamw_8bit, lion or adafactor, or set weight precision fp32 and turn "
+                            "'Optimizer step in backward' off")
+        if note and settings.name == "adamw_8bit":  # the fallback is decided (and reported) once, above
+            settings = dataclasses.replace(settings, name="adamw")
+        optimizer = ParamwiseOptimizer(groups, lambda g: make_optimizer(g, settings)[0], precision)
+    if cfg.fused_backward_step:
+        install_fused_step(optimizer)
+    return optimizer, note
 
 
 def _adamw_8bit(groups: list[dict], settings: OptimizerSettings) -> tuple[torch.optim.Optimizer, str | None]:

@@ -11,7 +11,6 @@ crash mid-delete leaves no half-deleted state behind, only a temporary folder th
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from .. import platform_compat
 from ..atomic import TMP_MARK, atomic_dir, clean_stale_temps
 from ..working import save_tensors
 
@@ -59,7 +59,7 @@ def remove_state(path: Path) -> None:
     doomed = path.with_name(f".{path.name}{TMP_MARK}deleting")
     if doomed.exists():
         shutil.rmtree(doomed, ignore_errors=True)
-    os.rename(path, doomed)
+    platform_compat.rename(path, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
 
 

@@ -34,17 +34,16 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from ..config import LR_SCHEDULERS
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
-SCHEDULERS = ("constant", "constant_with_warmup", "linear", "linear_with_warmup", "cosine", "cosine_with_restarts",
-              "polynomial")
 
 
 def _check(name: str, total_steps: int, warmup_steps: int, cycles: int, power: float) -> None:
-    if name not in SCHEDULERS:
-        raise UserError(f"unknown learning rate scheduler {name!r}", f"pick one of: {', '.join(SCHEDULERS)}")
+    if name not in LR_SCHEDULERS:
+        raise UserError(f"unknown learning rate scheduler {name!r}", f"pick one of: {', '.join(LR_SCHEDULERS)}")
     if total_steps < 0 or warmup_steps < 0:
         raise UserError(f"lr scheduler: steps must be >= 0 (total {total_steps}, warmup {warmup_steps})",
                         "fix the warmup steps or the number of epochs")

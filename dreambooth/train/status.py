@@ -2,6 +2,9 @@
 
 The worker writes; the tab, the API and the CLI read. Control goes the other way through small files in the model
 dir (``cancel.request``, ``pause.request``), so any process can ask, and SIGTERM/SIGINT ask for a cancel too.
+A request counts from the moment it is made, also while the worker is still starting: ``jobs.start`` removes the
+requests of an earlier run before it starts the worker, and only a run started without it (a trainer run directly)
+removes them itself when it starts.
 """
 
 from __future__ import annotations
@@ -9,15 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .. import platform_compat
 from ..atomic import write_json, write_text
 from ..store import ModelDir
 
@@ -27,6 +29,9 @@ STATES = ("starting", "generating_class_images", "running", "paused", "saving", 
 CANCEL_FILE = "cancel.request"
 LOSS_HEADER = "step,epoch,loss,lr\n"
 PAUSE_FILE = "pause.request"
+# what ``peak_memory_mb`` in status.json measures (``peak_memory_measure``)
+PEAK_CUDA_ALLOCATED = "cuda_peak_allocated"  # torch's peak allocated memory of the training GPU
+PEAK_PROCESS_RSS = "process_peak_rss"  # the worker process's own peak resident memory (CPU and other devices)
 
 
 def request_cancel(model: ModelDir) -> None:
@@ -38,34 +43,47 @@ def request_pause(model: ModelDir) -> None:
 
 
 def request_unpause(model: ModelDir) -> None:
-    (model.path / PAUSE_FILE).unlink(missing_ok=True)
+    platform_compat.unlink(model.path / PAUSE_FILE, missing_ok=True)
 
 
 def read_status(model: ModelDir) -> dict[str, Any] | None:
     try:
-        return json.loads(model.status_path.read_text(encoding="utf-8"))
+        return json.loads(platform_compat.read_bytes(model.status_path).decode("utf-8"))
     except (FileNotFoundError, ValueError):
         return None
 
 
-def peak_memory_mb(device: torch.device) -> float:
+def peak_memory(device: torch.device) -> tuple[float | None, str]:
+    """(peak MB, what it measures): CUDA's peak allocated memory of the training GPU, else this process's own peak
+    RSS (None where it cannot be read). Never the ``ru_maxrss`` a worker inherits from the WebUI that started it."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+        return torch.cuda.max_memory_allocated(device) / 2**20, PEAK_CUDA_ALLOCATED
+    rss = platform_compat.peak_rss_bytes()
+    return (rss / 2**20 if rss is not None else None), PEAK_PROCESS_RSS
+
+
+def clear_requests_of(model: ModelDir) -> None:
+    """Remove the cancel and pause requests (of a run that is over, or before a new one starts)."""
+    for name in (CANCEL_FILE, PAUSE_FILE):
+        platform_compat.unlink(model.path / name, missing_ok=True)
 
 
 class Controls:
-    """Cancel and pause requests: files in the model dir, plus SIGTERM / SIGINT for cancel."""
+    """Cancel and pause requests: files in the model dir, plus SIGTERM / SIGINT (and Ctrl-Break on Windows) for cancel.
 
-    def __init__(self, model: ModelDir, install_signal_handlers: bool = True) -> None:
+    ``clear_requests``: remove requests found at the start, as an earlier run's. A worker that ``jobs.start`` launched
+    passes False: the launcher removed those before the worker existed, so whatever is there now was asked of this
+    run while it was starting (a pause right after the start holds the run before its first step).
+    """
+
+    def __init__(self, model: ModelDir, install_signal_handlers: bool = True, clear_requests: bool = True) -> None:
         self.model = model
         self._signalled = False
         self._previous: dict[int, Any] = {}
-        for name in (CANCEL_FILE, PAUSE_FILE):
-            (model.path / name).unlink(missing_ok=True)  # a request from an earlier run does not apply
+        if clear_requests:
+            clear_requests_of(model)
         if install_signal_handlers:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in platform_compat.cancel_signals():
                 try:
                     self._previous[sig] = signal.signal(sig, self._on_signal)
                 except ValueError:  # not the main thread: files still work
@@ -85,8 +103,7 @@ class Controls:
 
     def close(self) -> None:
         """Remove the request files and give the signals back to whoever had them before the run."""
-        for name in (CANCEL_FILE, PAUSE_FILE):
-            (self.model.path / name).unlink(missing_ok=True)
+        clear_requests_of(self.model)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
@@ -148,7 +165,7 @@ class StatusWriter:
             while kept.exists():
                 n += 1
                 kept = self._loss_path.with_name(f"loss_until_step_{trained_before}_{n}.csv")
-            os.replace(self._loss_path, kept)  # a rename: the old log is whole in one place or the other
+            platform_compat.replace(self._loss_path, kept)  # a rename: the old log is whole in one place or the other
             log.info("loss.csv of the earlier run kept as %s", kept.name)
         self._loss_log = self._open_loss_log()
         return kept
@@ -170,7 +187,9 @@ class StatusWriter:
         if not force and now - self._last_write < self.interval:
             return
         self.status["updated_at"] = now
-        self.status["peak_memory_mb"] = round(peak_memory_mb(self.device), 1)
+        peak, measure = peak_memory(self.device)
+        self.status["peak_memory_mb"] = round(peak, 1) if peak is not None else None
+        self.status["peak_memory_measure"] = measure
         self._loss_log.flush()
         write_json(self.model.status_path, self.status)
         self._last_write = now

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..config import TrainConfig
 from .conditioning import encode_tokens, sdxl_time_ids
 from .models import Models
 
@@ -36,6 +37,13 @@ class StepSettings:
     clip_skip: int = 1
     train_text_encoder: bool = False
     autocast_dtype: torch.dtype | None = None  # fp16 / bf16 mixed precision, None for fp32
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, *, train_text_encoder: bool, autocast_dtype: torch.dtype | None
+                    ) -> StepSettings:
+        return cls(offset_noise=cfg.offset_noise, min_snr_gamma=cfg.min_snr_gamma,
+                   prior_loss_weight=cfg.prior_loss_weight, clip_skip=cfg.clip_skip,
+                   train_text_encoder=train_text_encoder, autocast_dtype=autocast_dtype)
 
 
 def snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, prediction_type: str

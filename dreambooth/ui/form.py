@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import Concept, FieldSpec, TrainConfig, coerce, field_specs, load_concepts_file
+from ..data.steps import count_steps
 from ..errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
@@ -174,9 +174,10 @@ class StepEstimate:
     text: str
 
 
-def shown_for_method(method: str, controls: list[Control]) -> list[bool]:
-    """Which of ``controls`` apply to the training method (the rest are hidden, e.g. LoRA rank for DreamBooth)."""
-    return [control.spec.methods is None or method in control.spec.methods for control in controls]
+def shown_for_method(method: str, controls: list[Control], optimizer: str | None = None) -> list[bool]:
+    """Which of ``controls`` apply to the training method and optimizer (the rest are hidden, e.g. LoRA rank for
+    DreamBooth, Adam's betas for Adafactor); ``optimizer`` None: any."""
+    return [control.spec.applies(method, optimizer) for control in controls]
 
 
 def estimate_steps(concepts: list[Concept], epochs: int, batch_size: int, grad_accum: int,
@@ -206,9 +207,7 @@ def estimate_steps(concepts: list[Concept], epochs: int, batch_size: int, grad_a
     if items == 0:
         return StepEstimate(0, "0 steps: no instance images found yet")
     batch_size, grad_accum, epochs = max(1, int(batch_size)), max(1, int(grad_accum)), max(0, int(epochs))
-    batches = math.ceil(items / batch_size)
-    per_epoch = math.ceil(batches / grad_accum)
-    total = per_epoch * epochs
+    per_epoch, total = dataclasses.astuple(count_steps(items, batch_size, grad_accum, epochs))
     text = (f"{total:,} steps = {epochs:,} epochs x {per_epoch:,} steps ({items:,} images per epoch / batch "
             f"{batch_size} / accumulation {grad_accum}); " + "; ".join(parts))
     return StepEstimate(total, text)

@@ -8,16 +8,16 @@ problem the user can fix (a :class:`UserError`) comes back as one line for the m
 from __future__ import annotations
 
 import functools
+import hashlib
 import html
 import logging
-import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 from ..config import Concept, TrainConfig, load_config
-from ..errors import UserError
+from ..errors import UserError, import_failure
 from ..store import ModelDir, list_models, open_model
 from . import compat
 from .form import CONCEPT_PANELS, Control, all_controls, config_to_values, estimate_steps, values_to_config
@@ -28,23 +28,27 @@ log = logging.getLogger(__name__)
 NO_PROFILE = "(keep my settings)"
 PROFILE_CHOICES = (NO_PROFILE, "fits in 6 GB", "fits in 8 GB", "fastest")  # profiles.PROFILES, without importing it
 GALLERY_SIZE = 8  # newest previews shown
-LOG_LINES = 12  # worker log lines shown (gradio 3 shows a textbox from its top, so no more than fit)
+LOG_LINES = 12  # rows of the worker-log box; the page script keeps it scrolled to its newest line
+LOG_TAIL_LINES = 200  # lines of the worker log sent to it (the earlier ones are a scroll up)
 
 
 class Host(Protocol):
     """What the tab needs from its host (the WebUI adapter or the standalone one).
 
+    ``checkpoints()`` lists the source checkpoints: paths (relative to ``checkpoint_dir()`` unless absolute), or a
+    mapping of the titles to show to their files (the WebUI's ``name [hash]`` titles).
+
     Optional: ``device() -> str | None`` (the worker's torch device; None picks CUDA when available),
-    ``checkpoint_path(choice) -> Path`` (the file behind an entry of ``checkpoints()``; by default the entry is a
-    path, relative to ``checkpoint_dir()`` unless absolute) and ``training_started(model, is_running=...,
-    read_status=...)`` (called after a worker started, as the HTTP API does).
+    ``checkpoint_path(choice) -> Path`` (the file behind an entry of ``checkpoints()``), ``refresh_checkpoints()``
+    (list the checkpoint folder again before ``checkpoints()`` is asked) and ``training_started(model,
+    is_running=..., read_status=...)`` (called after a worker started, as the HTTP API does).
     """
 
     def models_root(self) -> Path: ...
 
     def checkpoint_dir(self) -> Path: ...
 
-    def checkpoints(self) -> list[str]: ...
+    def checkpoints(self) -> list[str] | Mapping[str, str]: ...
 
     def loaded_checkpoint(self) -> str | None: ...
 
@@ -56,9 +60,10 @@ class Host(Protocol):
 def _jobs() -> Any:
     try:
         from .. import jobs
-    except ImportError as err:
-        raise UserError(f"training jobs are not available in this install ({err})",
-                        "update the extension; dreambooth/jobs.py is missing") from None
+    except ImportError as err:  # names what really failed, e.g. a module this system lacks, not a missing jobs.py
+        log.debug("importing the jobs module failed", exc_info=True)  # each status refresh asks again
+        raise UserError(f"training is not available: importing the jobs module failed with {import_failure(err)}",
+                        "please report this line as a bug of the extension") from err
     return jobs
 
 
@@ -118,7 +123,14 @@ class TabHandlers:
         device = getattr(self.host, "device", None)
         return device() if callable(device) else device
 
-    def _listed_path(self, choice: str) -> Path:
+    def checkpoint_choices(self) -> list[str]:
+        """What the source list shows: the host's titles, or its paths."""
+        return list(self.host.checkpoints())
+
+    def _listed_path(self, choice: str, listed: list[str] | Mapping[str, str] | None = None) -> Path:
+        listed = self.host.checkpoints() if listed is None else listed
+        if isinstance(listed, Mapping) and choice in listed:
+            return Path(listed[choice])
         resolve = getattr(self.host, "checkpoint_path", None)
         if callable(resolve):
             return Path(resolve(choice))
@@ -128,9 +140,10 @@ class TabHandlers:
     def checkpoint_path(self, choice: str) -> Path:
         """The source file for an entry of the checkpoint list, or a path typed by hand inside the checkpoint
         folder; anything else is refused, as by the HTTP API, so the tab never reads other files of the machine."""
-        path = self._listed_path(choice).resolve()
+        entries = self.host.checkpoints()
+        path = self._listed_path(choice, entries).resolve()
         root = Path(self.host.checkpoint_dir()).resolve()
-        listed = {self._listed_path(c).resolve() for c in self.host.checkpoints()}
+        listed = {self._listed_path(c, entries).resolve() for c in entries}
         if path not in listed and (path == root or not path.is_relative_to(root)):
             raise UserError(f"{choice} is not in the checkpoint folder {root}",
                             "pick a checkpoint from the list, or put the file into that folder")
@@ -189,8 +202,12 @@ class TabHandlers:
         return compat.update(choices=choices)
 
     def refresh_checkpoints(self, current: str | None) -> Any:
-        """New choices; with nothing picked yet, the checkpoint the host has loaded is picked."""
-        choices = self.host.checkpoints()
+        """The host's list read again (new files appear); with nothing picked yet, the checkpoint the host has
+        loaded is picked."""
+        refresh = getattr(self.host, "refresh_checkpoints", None)
+        if callable(refresh):
+            refresh()
+        choices = self.checkpoint_choices()
         loaded = self.host.loaded_checkpoint()
         if not current and loaded:
             return compat.update(choices=choices, value=loaded)
@@ -209,7 +226,7 @@ class TabHandlers:
 
     def import_kohya(self, name: str | None, source: str, reg_folder: str) -> list[Any]:
         """[message, model info, step count, *control values] after filling the concepts from a kohya dataset."""
-        from ..kohya_import import import_kohya
+        from ..data.kohya import import_kohya
 
         md = self.model(name)
         if _jobs().running(md):
@@ -307,7 +324,7 @@ class TabHandlers:
         if jobs.running(md):
             raise UserError(f"{md.name} is training", "previews are made at the preview interval while it trains")
         cfg = self.form_config(md, values)
-        written = generate_previews(md, cfg, self.device())
+        written = generate_previews(md, cfg, self.device(), self.host.attention_default())
         if not written:
             raise UserError("no previews to make", "set 'Number of samples' of a concept to 1 or more")
         return message_html(f"made {len(written)} preview(s) in {md.samples}", "ok")
@@ -333,16 +350,18 @@ class TabHandlers:
     def poll(self, name: str | None, seen: dict[str, Any] | None) -> list[Any]:
         """[status, loss chart, gallery, worker log, pause label, seen] for the selected model.
 
-        The gallery is sent only when the newest previews changed (``seen`` remembers them per browser session);
-        a new export reported by the worker is handed to the host once.
+        The gallery and the log are sent only when they changed (``seen`` remembers them per browser session), so
+        a log scrolled back to read stays put; a new export reported by the worker is handed to the host once.
         """
         seen = dict(seen or {})
         if not name:
+            seen.pop("log", None)
             return [status_html(None, False, None), loss_svg([]), self.no_change(), "", compat.update(value="Pause"),
                     seen]
         try:
             md = self.model(name)
         except UserError as err:
+            seen.pop("log", None)
             return [message_html(str(err), "error"), loss_svg([]), self.no_change(), "", self.no_change(), seen]
         status, running = self._status(md)
         with self._loss_lock:
@@ -360,9 +379,14 @@ class TabHandlers:
                 self.host.after_export(Path(export))
             except Exception:  # noqa: BLE001 - a host refresh failing must not break the status display
                 log.exception("after_export(%s) failed", export)
+        text = log_tail(md.logs / "worker.log", LOG_TAIL_LINES)
+        worker_log = self.no_change()
+        log_signature = [md.name, hashlib.sha1(text.encode("utf-8")).hexdigest()]
+        if log_signature != seen.get("log"):
+            worker_log, seen["log"] = text, log_signature
         paused = status is not None and status.get("state") == "paused"
-        return [status_html(status, running, md.name), loss_svg(points), gallery,
-                log_tail(md.logs / "worker.log", LOG_LINES), compat.update(value="Resume" if paused else "Pause"), seen]
+        return [status_html(status, running, md.name), loss_svg(points), gallery, worker_log,
+                compat.update(value="Resume" if paused else "Pause"), seen]
 
     def _status(self, md: ModelDir) -> tuple[dict[str, Any] | None, bool]:
         try:
@@ -390,39 +414,9 @@ def steps_html(text: str) -> str:
     return f"<div class='db-steps'>Total: {_escape(text)}</div>"
 
 
-def generate_previews(md: ModelDir, cfg: TrainConfig, device: str | None) -> list[Path]:
+def generate_previews(md: ModelDir, cfg: TrainConfig, device: str | None, attention_default: str = "sdp"
+                      ) -> list[Path]:
     """Previews of ``md``'s working weights for each concept of ``cfg``, as the trainer makes them."""
-    import random
+    from ..sample import sample_now
 
-    import torch
-
-    from ..sample import SampleRequest, build_pipeline, generate, make_scheduler, sample_prompts, save_sample
-    from ..train.loop import pick_device, resolve_concepts
-    from ..train.models import load_models
-
-    concepts = resolve_concepts(cfg)
-    models = load_models(md.working, cfg.family)
-    dev = pick_device(device)
-    for module in (models.unet, models.vae, *models.text_encoders):
-        module.to(dev)
-    resolution = cfg.resolution or models.family.resolution
-    pipe = build_pipeline(models.family.id, models.modules_for_pipeline(),
-                          make_scheduler(cfg.sample_scheduler, models.scheduler_config))
-    tag = secrets.token_hex(3)
-    written = []
-    try:
-        for index, concept in enumerate(concepts):
-            for n, prompt in enumerate(sample_prompts(concept, concept.instance_prompt)):
-                seed = concept.sample_seed if concept.sample_seed >= 0 else random.randrange(2**32)
-                req = SampleRequest(prompt, concept.sample_negative_prompt, seed + n, concept.sample_steps,
-                                    concept.sample_guidance_scale, resolution, resolution, cfg.sample_scheduler)
-                image = generate(pipe, req, dev)
-                stem = f"now_step{cfg.revision:06d}_{tag}_c{index}_{n}"
-                written.append(save_sample(image, md.samples, stem, req,
-                                           {"step": str(cfg.revision), "epoch": str(cfg.epochs_trained),
-                                            "model": md.name, "kind": "manual"}))
-    finally:
-        del pipe, models
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-    return written
+    return sample_now(md, cfg, device, attention_default)

@@ -65,7 +65,7 @@ def status_html(status: dict[str, Any] | None, running: bool, model: str | None)
     if running and status.get("eta_s") is not None:
         details.append(f"ETA {_fmt_duration(status['eta_s'])}")
     if status.get("peak_memory_mb"):
-        details.append(f"peak memory {status['peak_memory_mb']:,.0f} MB")
+        details.append(_peak_memory_text(status["peak_memory_mb"], status.get("peak_memory_measure")))
     note = f"<div class='db-note'>{html.escape(str(status['note']))}</div>" if status.get("note") else ""
     export = (f"<div class='db-note'>last export: {html.escape(str(status['last_export']))}</div>"
               if status.get("last_export") else "")
@@ -75,6 +75,17 @@ def status_html(status: dict[str, Any] | None, running: bool, model: str | None)
             f"<div class='db-progress'><div class='db-progress-fill' style='width:{percent:.1f}%'></div>"
             f"<span class='db-progress-text'>{percent:.1f}%</span></div>"
             f"<div class='db-progress-details'>{html.escape(' | '.join(details))}</div>{note}{export}</div>")
+
+
+def _peak_memory_text(mb: float, measure: str | None) -> str:
+    """Says what was measured: the GPU's peak allocated memory, or the training process's own peak RSS (the
+    measure names of train/status.py, not imported here: it imports torch)."""
+    size = f"{mb / 1024:.1f} GB" if mb >= 1024 else f"{mb:,.0f} MB"
+    if measure == "cuda_peak_allocated":
+        return f"peak CUDA allocated {size}"
+    if measure == "process_peak_rss":
+        return f"peak RSS {size} (this process)"
+    return f"peak memory {size}"
 
 
 # ------------------------------------------------------------------------------------------------------ loss chart

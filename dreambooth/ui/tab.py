@@ -12,6 +12,8 @@ import functools
 import logging
 from typing import Any
 
+from ..config import TrainConfig
+from ..families import FAMILY_IDS
 from . import compat
 from .form import CONCEPT_GROUPS, CONCEPT_PANELS, SETTING_GROUPS, Control, shown_for_method
 from .handlers import LOG_LINES, NO_PROFILE, PROFILE_CHOICES, Host, TabHandlers, guarded, steps_html
@@ -19,7 +21,7 @@ from .output import loss_svg, message_html, status_html
 
 log = logging.getLogger(__name__)
 
-MODEL_TYPES = ("auto", "sd1", "sd2", "sd2v", "sdxl")
+MODEL_TYPES = ("auto", *FAMILY_IDS)
 GALLERY_HEIGHT = 320
 REFRESH_SYMBOL = "\u21bb"  # the clockwise arrow, in fonts that have no emoji
 TAB_ID = "dreambooth_tab"
@@ -30,17 +32,18 @@ __all__ = ["Host", "TabHandlers", "build_tab"]
 # ---------------------------------------------------------------------------------------------------- layout
 
 
-def _component(control: Control) -> Any:
+def _component(control: Control, visible: bool = True) -> Any:
     """The one control for one setting, from its spec: label, help, default, range, choices."""
     gr = compat.gradio()
     spec = control.spec
-    common = {"label": spec.label, "info": spec.help or None, "elem_id": control.elem_id, "value": spec.default}
+    common = {"label": spec.label, "info": spec.help or None, "elem_id": control.elem_id, "value": spec.default,
+              "visible": visible}
     kind = control.kind
     if kind == "checkbox":
         return compat.make(gr.Checkbox, **common)
     if kind == "dropdown":
         return compat.dropdown(spec.choices or (), spec.default, custom=False, label=spec.label,
-                               info=spec.help or None, elem_id=control.elem_id)
+                               info=spec.help or None, elem_id=control.elem_id, visible=visible)
     if kind == "slider":
         return compat.make(gr.Slider, minimum=spec.minimum, maximum=spec.maximum, step=1, **common)
     if kind == "number":
@@ -63,9 +66,14 @@ def build_tab(host: Host) -> Any:
     handlers = TabHandlers(host, no_change=compat.no_change)
     made: dict[str, Any] = {}  # elem_id -> component, in the order of handlers.controls
 
+    default = TrainConfig()  # the form starts with the defaults: their method's and optimizer's settings show
+
+    def shown(controls: list[Control]) -> list[bool]:
+        return shown_for_method(default.method, controls, default.optimizer)
+
     def render(controls: list[Control]) -> None:
-        for control in controls:
-            made[control.elem_id] = _component(control)
+        for control, visible in zip(controls, shown(controls), strict=True):
+            made[control.elem_id] = _component(control, visible)
 
     config_controls = [c for c in handlers.controls if c.concept is None]
     with compat.blocks(title="Dreambooth") as demo, gr.Column(elem_id=TAB_ID):
@@ -98,9 +106,9 @@ def build_tab(host: Host) -> Any:
                     with gr.Tab("Model", id="dreambooth_model_tab", elem_id="dreambooth_model_tab"):
                         info = compat.make(gr.HTML, value="", elem_id="dreambooth_model_info")
                         with gr.Row():
-                            source = compat.dropdown(host.checkpoints(), host.loaded_checkpoint(), custom=True,
-                                                     label="Source checkpoint", elem_id="dreambooth_source",
-                                                     scale=3)
+                            source = compat.dropdown(handlers.checkpoint_choices(), host.loaded_checkpoint(),
+                                                     custom=True, label="Source checkpoint",
+                                                     elem_id="dreambooth_source", scale=3)
                             refresh_sources = compat.make(gr.Button, value=REFRESH_SYMBOL, size="sm", scale=0,
                                                           min_width=40, elem_id="dreambooth_refresh_sources")
                         with gr.Row():
@@ -127,7 +135,7 @@ def build_tab(host: Host) -> Any:
                         groups: dict[str, Any] = {}
                         for group, controls in grouped.items():
                             # a group whose every setting belongs to other methods (LoRA) starts hidden
-                            hidden = not any(shown_for_method("dreambooth", controls))
+                            hidden = not any(shown(controls))
                             with gr.Accordion(SETTING_GROUPS.get(group, group.replace("_", " ").capitalize()),
                                               open=group in ("method", "intervals", "lora"),
                                               visible=not hidden, elem_id=f"dbt_group_{group}") as accordion:
@@ -162,8 +170,10 @@ def build_tab(host: Host) -> Any:
                 loss = compat.make(gr.HTML, value=loss_svg([]), elem_id="dreambooth_loss")
                 gallery = compat.gallery(label="Newest previews", elem_id="dreambooth_gallery", columns=4,
                                          height=GALLERY_HEIGHT, object_fit="contain", show_label=True)
+                # newest line at the bottom, in view: gradio 4 scrolls there itself, the page script does in 3.x
                 worker_log = compat.make(gr.Textbox, label="Worker log", lines=LOG_LINES, max_lines=LOG_LINES,
-                                         interactive=False, elem_id="dreambooth_log")
+                                         interactive=False, autoscroll=True, show_copy_button=True,
+                                         elem_id="dreambooth_log")
         seen = gr.State({})
 
         values = [made[c.elem_id] for c in handlers.controls]
@@ -193,17 +203,23 @@ def build_tab(host: Host) -> Any:
         compat.on(poll.click, guard(len(poll_outputs))(handlers.poll), [model, seen], poll_outputs, queue=False,
                   show_progress="hidden")
 
-        # settings that do not apply to the chosen training method are hidden, whole groups too
-        dependent = [c for c in config_controls if c.spec.methods is not None]
-        method_groups = [(accordion, controls) for accordion, controls in groups.values()
-                         if all(c.spec.methods is not None for c in controls)]
+        # settings that do not apply to the chosen training method or optimizer are hidden, whole groups too
+        def depends(control: Control) -> bool:
+            return control.spec.methods is not None or control.spec.optimizers is not None
 
-        def show_for(method: str) -> list[Any]:
-            updates = [compat.update(visible=v) for v in shown_for_method(method, dependent)]
-            return updates + [compat.update(visible=any(shown_for_method(method, cs))) for _, cs in method_groups]
+        dependent = [c for c in config_controls if depends(c)]
+        dependent_groups = [(accordion, controls) for accordion, controls in groups.values()
+                            if all(depends(c) for c in controls)]
 
-        compat.on(made["dbt_method"].change, show_for, [made["dbt_method"]],
-                  [made[c.elem_id] for c in dependent] + [a for a, _ in method_groups], queue=False)
+        def show_for(method: str, optimizer: str) -> list[Any]:
+            updates = [compat.update(visible=v) for v in shown_for_method(method, dependent, optimizer)]
+            return updates + [compat.update(visible=any(shown_for_method(method, cs, optimizer)))
+                              for _, cs in dependent_groups]
+
+        choice = [made["dbt_method"], made["dbt_optimizer"]]
+        for trigger in choice:
+            compat.on(trigger.change, show_for, choice,
+                      [made[c.elem_id] for c in dependent] + [a for a, _ in dependent_groups], queue=False)
 
         compat.on(profile.change, guard(1 + len(values))(handlers.apply_profile), [model, profile, *values],
                   [memory_line, *values], queue=False)

@@ -1,42 +1,24 @@
-"""Stand-in of modules/shared.py: cmd_opts, opts with add_option/OptionInfo, and the progress state."""
+"""Stand-in of modules/shared.py: cmd_opts, opts with add_option/OptionInfo (modules/options.py), the progress
+state, and the ``sd_model`` property."""
 
 import argparse
+import sys
+import types
 
+from modules import options
 
-class OptionInfo:
-    def __init__(self, default=None, label="", component=None, component_args=None, onchange=None, section=None,
-                 refresh=None, comment_before="", comment_after="", infotext=None, restrict_api=False,
-                 category_id=None):
-        self.default = default
-        self.label = label
-        self.component = component
-        self.component_args = component_args
-        self.onchange = onchange
-        self.section = section
-        self.refresh = refresh
-
-
-class Options:
-    def __init__(self):
-        self.data_labels: dict[str, OptionInfo] = {}
-        self.data: dict[str, object] = {"cross_attention_optimization": "Automatic"}
-
-    def add_option(self, key, info):
-        self.data_labels[key] = info
-        self.data.setdefault(key, info.default)
-
-    def __getattr__(self, item):
-        data = self.__dict__.get("data", {})
-        if item in data:
-            return data[item]
-        labels = self.__dict__.get("data_labels", {})
-        if item in labels:
-            return labels[item].default
-        raise AttributeError(item)
+OptionInfo = options.OptionInfo
+Options = options.Options
+options_section = options.options_section
 
 
 class State:
-    """The WebUI's progress state (modules/shared_state.py)."""
+    """The WebUI's progress state (modules/shared_state.py of v1.10.1).
+
+    It belongs to whatever the WebUI runs: a txt2img calls ``begin(job=<task id>)``, sets ``job_count``,
+    ``sampling_steps`` and ``sampling_step`` as it goes, and ``end()`` when done; ``job == ""`` and ``job_count == 0``
+    mean the WebUI is idle.
+    """
 
     def __init__(self):
         self.job = ""
@@ -46,14 +28,29 @@ class State:
         self.sampling_steps = 0
         self.textinfo = None
         self.interrupted = False
+        self.skipped = False
         self.current_image = None
-        self.active = False
+        self.time_start = None
 
     def begin(self, job="(unknown)"):
-        self.job, self.active, self.sampling_step, self.sampling_steps = job, True, 0, 0
+        import time
+
+        self.sampling_step = 0
+        self.time_start = time.time()
+        self.job_count = -1
+        self.job_no = 0
+        self.current_image = None
+        self.skipped = False
+        self.interrupted = False
+        self.textinfo = None
+        self.job = job
 
     def end(self):
-        self.job, self.active = "", False
+        import time
+
+        time.time() - self.time_start  # the real end() fails like this when begin() was never called
+        self.job = ""
+        self.job_count = 0
 
 
 cmd_opts = argparse.Namespace(xformers=False, opt_sdp_attention=False, opt_sdp_no_mem_attention=False, medvram=False,
@@ -75,3 +72,16 @@ def reload_hypernetworks():
     global hypernetworks
     folder = Path(cmd_opts.hypernetwork_dir or os.path.join(paths_internal.models_path, "hypernetworks"))
     hypernetworks = {p.stem: str(p) for p in sorted(folder.rglob("*.pt"))}
+
+
+class _Shared(types.ModuleType):
+    """As the WebUI's modules.shared: ``sd_model`` is a property that loads the selected model on first access."""
+
+    @property
+    def sd_model(self):
+        from modules import sd_models
+
+        return sd_models.model_data.get_sd_model()
+
+
+sys.modules[__name__].__class__ = _Shared
