@@ -14,7 +14,9 @@ SDXL LoRA script), written here in our own words:
 - ``loss.detach().item()`` every step, as their progress bar does (a host sync per step).
 
 Two variants: ``baseline-default`` (the scripts' defaults with fp16) and ``baseline-lowmem`` (the README's
-lowest-memory recipe: gradient checkpointing, 8-bit AdamW when bitsandbytes works, fp16, set_grads_to_none).
+lowest-memory recipe: gradient checkpointing, 8-bit AdamW when bitsandbytes works, fp16, set_grads_to_none). For a
+like-for-like comparison, :func:`like_settings` gives the recipe with one of our rows' gradient checkpointing,
+mixed precision and optimizer (``--mixed_precision=bf16`` and ``--use_8bit_adam`` are the scripts' own options).
 """
 
 from __future__ import annotations
@@ -32,9 +34,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dreambooth.compat import grad_scaler
+from dreambooth.config import TrainConfig
+from dreambooth.train.optimizers import adamw_8bit_problem
 
 from .matrix import Case
 from .measure import StepClock
+from .memory import Roles
 from .models import PROMPT
 
 log = logging.getLogger(__name__)
@@ -45,10 +50,14 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the diffusers LoRA script
 
 @dataclass(frozen=True)
 class BaselineSettings:
-    mixed_precision: str  # "fp16" (autocast + GradScaler) or "no"
+    mixed_precision: str  # "fp16" (autocast + GradScaler on a GPU, fp32 on the CPU), "bf16" (autocast) or "no"
     gradient_checkpointing: bool
     eight_bit_adam: bool
     set_grads_to_none: bool
+
+    def like_key(self) -> tuple:
+        """What a like-for-like comparison holds equal: checkpointing, precision, optimizer."""
+        return self.gradient_checkpointing, self.mixed_precision, self.eight_bit_adam
 
 
 def variant_settings(variant: str, eight_bit_ok: bool) -> BaselineSettings:
@@ -60,20 +69,21 @@ def variant_settings(variant: str, eight_bit_ok: bool) -> BaselineSettings:
     raise ValueError(f"unknown baseline variant {variant!r}")
 
 
-def eight_bit_status(device: torch.device) -> tuple[bool, str]:
-    """Whether bitsandbytes' AdamW8bit works here (imports and takes a step); else why not."""
-    if device.type != "cuda":
-        return False, "8-bit AdamW not used: bitsandbytes' 8-bit optimizers need a CUDA device"
-    try:
-        import bitsandbytes as bnb
+def like_settings(ours: dict[str, object], eight_bit_ok: bool) -> BaselineSettings:
+    """The recipe run with the gradient checkpointing, mixed precision and optimizer our row with ``ours`` (TrainConfig
+    overrides) really uses: the recipe variant with that checkpointing (its zero_grad and clipping), and the
+    precision and optimizer changed to ours."""
+    cfg = TrainConfig(**{k: v for k, v in ours.items() if k in TrainConfig.__dataclass_fields__})
+    recipe = variant_settings("baseline-lowmem" if cfg.gradient_checkpointing else "baseline-default", eight_bit_ok)
+    return BaselineSettings(cfg.mixed_precision, cfg.gradient_checkpointing,
+                            eight_bit_adam=cfg.optimizer == "adamw_8bit" and eight_bit_ok,
+                            set_grads_to_none=recipe.set_grads_to_none)
 
-        param = torch.nn.Parameter(torch.zeros(8192, device=device))
-        opt = bnb.optim.AdamW8bit([param], lr=1e-3)
-        param.grad = torch.ones_like(param)
-        opt.step()
-    except Exception as err:  # noqa: BLE001 - any failure means "not usable"; the row says why
-        return False, f"8-bit AdamW not used: bitsandbytes does not work here ({type(err).__name__}: {err})"
-    return True, ""
+
+def eight_bit_status(device: torch.device) -> tuple[bool, str]:
+    """Whether bitsandbytes' AdamW8bit runs here (the trainer's own probe: one real step); else why not."""
+    problem = adamw_8bit_problem(device.type)
+    return (True, "") if problem is None else (False, f"8-bit AdamW not used: {problem}")
 
 
 class LoraLinear(torch.nn.Module):
@@ -179,7 +189,8 @@ def run_baseline(working: Path, case: Case, settings: BaselineSettings, images: 
     sdxl = case.family == "sdxl"
     tokenizers, encoders, vae, unet, scheduler = _load(working, sdxl)
     use_fp16 = settings.mixed_precision == "fp16" and device.type == "cuda"  # fp16 autocast needs a GPU, as ours
-    weight_dtype = torch.float16 if use_fp16 else torch.float32
+    autocast = torch.float16 if use_fp16 else torch.bfloat16 if settings.mixed_precision == "bf16" else None
+    weight_dtype = autocast or torch.float32  # the frozen models in the autocast dtype, as the scripts do
     notes = ["attention diffusers default"]
     if settings.mixed_precision == "fp16" and not use_fp16:
         notes.append("fp16 needs a GPU: fp32 on the CPU")
@@ -199,6 +210,7 @@ def run_baseline(working: Path, case: Case, settings: BaselineSettings, images: 
     unet.train()
     if settings.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    clock.roles = lambda: Roles([unet, vae, *encoders], params, optimizer)
 
     if settings.eight_bit_adam:
         import bitsandbytes as bnb
@@ -230,7 +242,7 @@ def run_baseline(working: Path, case: Case, settings: BaselineSettings, images: 
             time_ids = torch.tensor([[res, res, 0, 0, res, res]] * bsz, device=device, dtype=hidden.dtype)
             added = {"text_embeds": pooled, "time_ids": time_ids}
         # (no disabled autocast context: torch 2.1 refuses fp16 CPU autocast even when it is not enabled)
-        with torch.autocast(device.type, dtype=torch.float16) if use_fp16 else contextlib.nullcontext():
+        with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
             pred = unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
         target = scheduler.get_velocity(latents, noise, timesteps) \
             if scheduler.config.prediction_type == "v_prediction" else noise
@@ -251,4 +263,5 @@ def run_baseline(working: Path, case: Case, settings: BaselineSettings, images: 
         last_loss = loss.detach().item()  # the recipes' progress bar: one host sync per step
         if clock.after_step():
             break
-    return {**clock.result(case.batch), "last_loss": last_loss, "notes": notes}
+    return {**clock.result(case.batch), "last_loss": last_loss, "notes": notes,
+            "optimizer_ran": "adamw_8bit" if settings.eight_bit_adam else "adamw"}

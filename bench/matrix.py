@@ -8,9 +8,10 @@ from dreambooth.profiles import PROFILES
 
 FAMILY_NAMES = {"sd1": "sd15", "sd2v": "sd21v", "sdxl": "sdxl"}  # dreambooth family id -> name in the table
 
-OURS_PROFILES = ("ours-default", "ours-lowmem", "ours-fast")
-OURS_TAB_PROFILES = {"ours-lowmem": "fits in 6 GB", "ours-fast": "fastest"}  # the memory profiles they run
+OURS_PROFILES = ("ours-default", "ours-lowmem", "ours-8gb", "ours-fast")
+OURS_TAB_PROFILES = {"ours-lowmem": "fits in 6 GB", "ours-8gb": "fits in 8 GB", "ours-fast": "fastest"}
 BASELINE_VARIANTS = ("baseline-default", "baseline-lowmem")
+LIKE_PREFIX = "baseline-as-"  # baseline-as-ours-lowmem: the recipe with ours-lowmem's checkpointing, precision, optim.
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class Case:
     batch: int
     profiles: tuple[str, ...]
     lora_rank: int = 32
+    memory_only: bool = False  # no timed steps: the tracked step's memory is all this case is for
 
     @property
     def key(self) -> str:
@@ -33,16 +35,35 @@ class Case:
 ALL = OURS_PROFILES + BASELINE_VARIANTS
 LOW = ("ours-lowmem", "baseline-lowmem")
 
-MATRICES: dict[str, tuple[str, tuple[Case, ...]]] = {
+
+@dataclass(frozen=True)
+class Matrix:
+    size: str  # tiny | full
+    cases: tuple[Case, ...]
+    isolate: bool = False  # each row in a process of its own (full-size models on the CPU: memory comes back)
+    images_per_slot: int = 2  # images per batch slot: an epoch is this many steps (the latent cache fills in one)
+
+
+MATRICES: dict[str, Matrix] = {
     # tiny models on the CPU: the sentinel that the harness and both loops work (numbers say nothing about GPUs)
-    "cpu-smoke": ("tiny", (
+    "cpu-smoke": Matrix("tiny", (
         Case("sd1", "dreambooth", 64, 1, ("ours-default", "ours-lowmem", "baseline-default", "baseline-lowmem")),
         Case("sd1", "lora", 64, 1, ("ours-default", "baseline-default"), lora_rank=4),
     )),
-    "cpu": ("tiny", tuple(Case(f, m, 64, b, ALL, lora_rank=4)
-                          for f in ("sd1", "sd2v", "sdxl") for m in ("dreambooth", "lora") for b in (1, 2))),
+    "cpu": Matrix("tiny", tuple(Case(f, m, 64, b, ALL, lora_rank=4)
+                                for f in ("sd1", "sd2v", "sdxl") for m in ("dreambooth", "lora") for b in (1, 2))),
+    # the full-size architectures on the CPU: real memory per profile (256 px, and 384 px for the fit of the
+    # estimate's activations, memory only: one row per activation class), and speed against the recipe at 256 px;
+    # SDXL LoRA at 256 px
+    "cpu-full": Matrix("full", (
+        Case("sd1", "dreambooth", 256, 1, ALL),
+        Case("sd1", "dreambooth", 384, 1, ("ours-default", "ours-lowmem", "ours-fast"), memory_only=True),
+        Case("sd1", "lora", 256, 1, ALL),
+        Case("sd1", "lora", 384, 1, ("ours-default", "ours-lowmem", "ours-fast"), memory_only=True),
+        Case("sdxl", "lora", 256, 1, ("ours-lowmem", "baseline-lowmem")),
+    ), isolate=True, images_per_slot=1),
     # full-size architectures with random weights; covers every target of the issue
-    "gpu": ("full", (
+    "gpu": Matrix("full", (
         Case("sd1", "dreambooth", 512, 1, ALL),
         Case("sd1", "lora", 512, 1, ALL),
         Case("sd1", "dreambooth", 512, 8, ("ours-default", "ours-fast", "baseline-default")),
@@ -70,6 +91,12 @@ def profile_overrides(profile: str, *, eight_bit: bool, compile_unet: bool) -> d
     if "compile_unet" in overrides:
         overrides["compile_unet"] = compile_unet
     return overrides
+
+
+def wants_eight_bit(profile: str) -> bool:
+    """Whether the tab profile a row of ours runs picks 8-bit AdamW (which runs only where bitsandbytes can)."""
+    return PROFILES.get(OURS_TAB_PROFILES.get(profile, ""), None) is not None and \
+        PROFILES[OURS_TAB_PROFILES[profile]].settings.get("optimizer") == "adamw_8bit"
 
 
 @dataclass(frozen=True)

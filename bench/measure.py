@@ -5,12 +5,15 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from dreambooth.compat import is_out_of_memory
 from dreambooth.platform_compat import peak_rss_bytes
+
+from .memory import LiveTensorTracker, Roles
 
 
 class Enough(Exception):
@@ -19,16 +22,23 @@ class Enough(Exception):
 
 @dataclass
 class StepClock:
-    """Times ``warmup`` + ``steps`` optimizer steps.
+    """Times ``warmup`` + ``steps`` optimizer steps, and tracks the tensors of the last warm-up step.
 
     On a GPU each step is bracketed by CUDA events (recorded on the stream, no host sync); the device is synchronised
     only after the first step (time to first step), at the end of the warm-up and at the end, so the window's wall
     time is what a training run sees. On the CPU steps are timed with ``perf_counter``.
+
+    The last warm-up step (the caches are full and the optimizer has its state by then) runs inside a
+    :class:`LiveTensorTracker` when ``roles`` is set (the loop under test sets it once its models and optimizer
+    exist): its peak tensor bytes and their split. The tracker's bookkeeping slows that step down; it is outside the
+    measured window. ``steps=0``: memory only, no timing.
     """
 
     device: torch.device
     warmup: int
     steps: int
+    roles: Callable[[], Roles] | None = None
+    tracker: LiveTensorTracker | None = None
     started: float = field(default_factory=time.perf_counter)  # the row's start: before any model is loaded
     done: int = 0
     first_step_s: float | None = None
@@ -43,6 +53,10 @@ class StepClock:
         return self.device.type == "cuda"
 
     def before_step(self) -> None:
+        if self.done == self.warmup - 1 and self.roles is not None:
+            self._sync()
+            self.tracker = LiveTensorTracker(self.device, self.roles)
+            self.tracker.__enter__()
         if self.done == self.warmup:
             self._sync()
             self._window_start = time.perf_counter()
@@ -56,6 +70,9 @@ class StepClock:
 
     def after_step(self) -> bool:
         """Count a finished step; True when every measured step is done."""
+        if self.tracker is not None and self.done == self.warmup - 1:
+            self._sync()
+            self.tracker.__exit__(None, None, None)
         if self.done >= self.warmup:
             if self.cuda:
                 end = torch.cuda.Event(enable_timing=True)
@@ -69,9 +86,15 @@ class StepClock:
             self.first_step_s = time.perf_counter() - self.started
         if self.done == self.warmup + self.steps:
             self._sync()
-            self.window_s = time.perf_counter() - self._window_start
+            self.window_s = time.perf_counter() - self._window_start if self.steps else None
             return True
         return False
+
+    def close(self) -> None:
+        """Leave the tracker if the step it tracked ended in an error (the mode must not outlive the row)."""
+        if self.tracker is not None and self.done == self.warmup - 1:
+            self.tracker.__exit__(None, None, None)
+            self.tracker = None
 
     def step_times(self) -> list[float]:
         if self.cuda:
@@ -80,11 +103,16 @@ class StepClock:
 
     def result(self, batch: int) -> dict:
         times = self.step_times()
-        if not times or not self.window_s:
-            raise RuntimeError("the clock measured no steps")
-        return {"samples_per_s": self.steps * batch / self.window_s, "step_time_s": statistics.median(times),
-                "step_time_min_s": min(times), "time_to_first_step_s": self.first_step_s,
-                "warmup_steps": self.warmup, "measured_steps": self.steps}
+        out = {"samples_per_s": None, "step_time_s": None, "step_time_min_s": None, "step_time_max_s": None,
+               "time_to_first_step_s": self.first_step_s, "warmup_steps": self.warmup, "measured_steps": self.steps}
+        if self.steps:
+            if not times or not self.window_s:
+                raise RuntimeError("the clock measured no steps")
+            out.update(samples_per_s=self.steps * batch / self.window_s, step_time_s=statistics.median(times),
+                       step_time_min_s=min(times), step_time_max_s=max(times))
+        if self.tracker is not None:
+            out.update(self.tracker.result())
+        return out
 
     def _sync(self) -> None:
         if self.cuda:

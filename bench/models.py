@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -58,10 +59,17 @@ def random_weights(component: str, config: dict, gen: torch.Generator, dtype: to
     return out
 
 
+COMPLETE = "bench_model_complete"  # written last: a model dir with it is whole and is reused (rows in processes)
+
+
 def write_random_model(root: Path, family: str, size: str, name: str | None = None, seed: int = 0) -> ModelDir:
     """A model dir ``<root>/dreambooth/<name>`` holding a random-weight ``family`` model (fp16 files for full size,
-    fp32 for tiny); the trainer loads them as fp32 like any working folder."""
+    fp32 for tiny); the trainer loads them as fp32 like any working folder. One written whole before is reused."""
     md = model_dir(name or f"bench-{family}-{size}", root)
+    if (md.path / COMPLETE).is_file():
+        return md
+    if md.path.exists():
+        shutil.rmtree(md.path)  # cut off while it was written
     configs = component_configs(family, size)
     dtype = torch.float16 if size == "full" else torch.float32
     gen = torch.Generator().manual_seed(seed)
@@ -75,12 +83,18 @@ def write_random_model(root: Path, family: str, size: str, name: str | None = No
     write_working(md.working, family, components, {}, configs)
     del components
     TrainConfig(model_name=md.name, family=family, resolution=get_family(family).resolution).save(md.path)
+    (md.path / COMPLETE).write_text("", encoding="utf-8")
     return md
 
 
 def write_images(folder: Path, count: int, resolution: int) -> Path:
-    """``count`` synthetic square images (with captions) at ``resolution``: the one dataset every row trains on."""
-    make_concept_images(folder, count=count, size=resolution)
+    """``count`` synthetic square images (with captions) at ``resolution``: the one dataset every row trains on
+    (written once; a later process of the same run finds them)."""
+    if not folder.is_dir():
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        make_concept_images(partial, count=count, size=resolution)
+        partial.rename(folder)
     return folder
 
 

@@ -20,6 +20,7 @@ from dreambooth.train.loop import RunOptions, Trainer
 
 from .matrix import Case
 from .measure import Enough, StepClock
+from .memory import Roles
 from .models import concept
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class TimedTrainer(Trainer):
         super().__init__(model, options)
 
     def _optimizer_step(self, group: list) -> None:
+        self.clock.roles = self._roles
         self.clock.before_step()
         super()._optimizer_step(group)
         if self.clock.after_step():
@@ -73,6 +75,20 @@ class TimedTrainer(Trainer):
 
     def _end_of_epoch(self) -> None:
         """A benchmark measures steps: no previews, saves or pauses between epochs."""
+
+    def _roles(self) -> Roles:
+        m = self.models
+        modules = [m.unet, m.vae, *m.text_encoders, *self.method.added_modules()]
+        offloaded = list(self.offloader.offloaded) if self.offloader is not None else []
+        return Roles(modules, list(self.trained_params), self.optimizer, offloaded)
+
+
+def optimizer_ran(optimizer: torch.optim.Optimizer) -> str:
+    """The optimizer that really updates the weights (inside a ParamwiseOptimizer: its buckets'), by class name."""
+    buckets = getattr(optimizer, "buckets", None)
+    inner = buckets[0].optimizer if buckets else optimizer
+    name = type(inner).__name__
+    return {"AdamW": "adamw", "AdamW8bit": "adamw_8bit"}.get(name, name) + (" (per bucket)" if buckets else "")
 
 
 def run_ours(md: ModelDir, case: Case, overrides: dict[str, object], images: Path, device: torch.device,
@@ -97,10 +113,11 @@ def run_ours(md: ModelDir, case: Case, overrides: dict[str, object], images: Pat
             raise RuntimeError(f"the run ended after {clock.done} steps, before the clock had its steps")
         pending = getattr(trainer, "pending_losses", [])
         last_loss = float(pending[-1][2]) if pending else trainer.status.status.get("loss")
-        notes = [f"attention {trainer.attention}", f"optimizer {type(trainer.optimizer).__name__}"]
+        notes = [f"attention {trainer.attention}", f"optimizer {optimizer_ran(trainer.optimizer)}"]
         if trainer.status.status.get("note"):
             notes.append(str(trainer.status.status["note"]))
-        return {**clock.result(case.batch), "last_loss": last_loss, "notes": notes}
+        return {**clock.result(case.batch), "last_loss": last_loss, "notes": notes,
+                "optimizer_ran": optimizer_ran(trainer.optimizer)}
     finally:
         trainer.controls.close()
         trainer.status.close()

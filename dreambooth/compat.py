@@ -8,6 +8,10 @@ instead of testing versions or attributes itself, so a newer torch API never rea
   allocator raises a plain RuntimeError ("can't allocate memory").
 - CPU autocast takes bf16 only before torch 2.3 (entering it with fp16 raises); fp16 CPU autocast and the CPU
   grad scaler came together.
+- AdamW's fused kernel (one pass over weight, gradient and moments, for many tensors at once) runs on CUDA in every
+  torch we support, on the CPU from torch 2.4.
+- A tensor's storage is one Python object for its whole life only in newer torch (2.1 makes a new one at each
+  ``untyped_storage()``): only there does a weak reference to it say when the memory is freed.
 """
 
 from __future__ import annotations
@@ -50,3 +54,15 @@ def grad_scaler(device_type: str) -> torch.amp.GradScaler:
     if device_type == "cuda":
         return torch.cuda.amp.GradScaler()
     raise RuntimeError(f"torch {torch.__version__} has no grad scaler for {device_type}")
+
+
+def storages_keep_their_object() -> bool:
+    """Whether ``t.untyped_storage()`` is the same Python object for as long as the storage lives, so a
+    ``weakref.ref(storage, callback)`` calls back when the memory is freed (not when the wrapper is dropped)."""
+    t = torch.empty(1)
+    return t.untyped_storage() is t.untyped_storage()
+
+
+def fused_adamw_available(device_type: str) -> bool:
+    """Whether ``torch.optim.AdamW(..., fused=True)`` runs on ``device_type`` in this torch."""
+    return device_type == "cuda" and torch.cuda.is_available() or device_type == "cpu" and TORCH_VERSION >= (2, 4)

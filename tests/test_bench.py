@@ -33,9 +33,15 @@ def test_harness_runs_ours_and_baseline_and_writes_every_column(tmp_path, capsys
         assert row["measured_steps"] == 2 and row["warmup_steps"] == 2
         assert row["flops_per_sample"] > 0
         assert 0 < row["mfu"] <= 1
-        assert row["peak_allocated_bytes"] is None  # no per-row peak on the CPU: "n/a", not a made-up number
+        assert row["peak_allocated_bytes"] is None  # CUDA's allocator peak: "n/a" on the CPU, not a made-up number
+        assert row["peak_tensor_bytes"] > 0  # the tracked step's tensors: measured on any device
+        split = sum(row[f"peak_{part}_bytes"] for part in ("weights", "gradients", "optimizer_state", "other"))
+        assert split == row["peak_tensor_bytes"] and row["peak_other_bytes"] >= 0
         assert row["last_loss"] is not None and row["last_loss"] > 0
     assert rows["ours-default"]["flops_per_sample"] == rows["baseline-default"]["flops_per_sample"]
+    # the 6 GB profile stores bf16 weights and offloads the VAE and text encoder: the split shows it
+    low, default = rows["ours-lowmem"], rows["ours-default"]
+    assert low["peak_weights_bytes"] < default["peak_weights_bytes"] / 1.5 and low["offloaded_bytes"] > 0
     assert result["device"]["measured_peak_flops"] > 0
     assert [(r["ours"], r["samples_per_s"]) for r in result["ratios"]] == [
         (p, pytest.approx(rows[p]["samples_per_s"] / rows["baseline-default"]["samples_per_s"]))
@@ -86,10 +92,10 @@ def test_case_keys_name_what_the_targets_look_for():
     assert Case("sdxl", "lora", 1024, 1, ()).key == "sdxl/lora-r32/1024/b1"
     from bench.matrix import MATRICES
 
-    gpu_keys = {c.key for c in MATRICES["gpu"][1]}
+    gpu_keys = {c.key for c in MATRICES["gpu"].cases}
     assert {t.case_key for t in TARGETS} <= gpu_keys
     for t in TARGETS:
-        case = next(c for c in MATRICES["gpu"][1] if c.key == t.case_key)
+        case = next(c for c in MATRICES["gpu"].cases if c.key == t.case_key)
         assert t.profile in case.profiles and (t.versus is None or t.versus in case.profiles)
 
 
@@ -146,6 +152,68 @@ def test_each_row_of_ours_starts_from_our_defaults_not_the_previous_rows_profile
     cfg, defaults = load_config(md.path), TrainConfig()
     assert (cfg.fused_backward_step, cfg.weight_precision, cfg.offload_frozen_models) == \
         (defaults.fused_backward_step, defaults.weight_precision, defaults.offload_frozen_models)
+
+
+# ------------------------------------------------------------------------------------------- the memory tracker
+
+
+def test_the_tracker_follows_a_known_allocation_pattern_exactly():
+    from bench.memory import LiveTensorTracker
+
+    keep = torch.ones(256)  # 1 KiB alive before the step: counted from the census
+    with LiveTensorTracker("cpu") as tracker:
+        start = tracker.start_bytes
+        a = torch.empty(1000)  # 4000 bytes
+        b = torch.empty(2000)  # 8000: 12000 alive
+        del a  # 8000
+        c = torch.empty(500)  # 10000
+        view = b[10:]  # a view: no new bytes
+        e = torch.empty(1500)  # 16000: the peak
+        del b, view, c, e
+        f = torch.empty(3000)  # 12000
+        f.add_(1)  # an in-place op: no new bytes
+        del f
+    assert start >= keep.numel() * 4
+    assert tracker.peak_bytes - start == 16000
+    assert tracker.max_other_bytes - start == 16000  # nothing here is a weight, a gradient or a state
+
+
+def test_the_tracker_splits_a_training_step_by_role():
+    from bench.memory import LiveTensorTracker, Roles
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+    x = torch.randn(32, 64)
+
+    def step():
+        model(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # the states exist from the first step on
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    with LiveTensorTracker("cpu", Roles([model], list(model.parameters()), optimizer)) as tracker:
+        step()
+    result = tracker.result()
+    assert result["peak_weights_bytes"] == weights
+    # AdamW's two moments per weight plus a step counter per tensor (fp32 scalars)
+    assert result["peak_optimizer_state_bytes"] == 2 * weights + 4 * len(optimizer.state)
+    assert result["peak_gradients_bytes"] == weights  # the peak is in the optimizer step: every gradient alive
+    activations = 32 * 256 * 4 * 2  # the hidden layer before and after ReLU, saved for backward
+    assert result["max_other_bytes"] - (result["step_start_tensor_bytes"] - weights * 3 - 4 * 4) >= activations
+    assert result["tracker_roles_changed"] is False
+
+
+def test_the_tracker_leaves_offloaded_modules_out_of_the_device_peak():
+    from bench.memory import LiveTensorTracker, Roles
+
+    on_device, offloaded = torch.nn.Linear(100, 100), torch.nn.Linear(300, 300)
+    with LiveTensorTracker("cpu", Roles([on_device], [], None, [offloaded])) as tracker:
+        torch.empty(10)
+    result = tracker.result()
+    assert result["offloaded_bytes"] == sum(p.numel() * 4 for p in offloaded.parameters())
+    assert result["peak_weights_bytes"] == sum(p.numel() * 4 for p in on_device.parameters())
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from dreambooth.errors import UserError
 from dreambooth.train import caches as caches_module
 from dreambooth.train import loop as loop_module
 from dreambooth.train import step as step_module
-from dreambooth.train.fused import ParamwiseOptimizer
+from dreambooth.train.fused import ParamwiseOptimizer, install_fused_step
 from dreambooth.train.loop import RunOptions, Trainer
 from dreambooth.train.precision import WeightPrecision, round_generator, stochastic_round
 
@@ -392,30 +392,62 @@ def test_paramwise_optimizer_state_is_the_ordinary_adamw_format():
     torch.testing.assert_close(fresh.state_dict()["state"][0]["exp_avg"], plain.state_dict()["state"][0]["exp_avg"])
 
 
-def test_paramwise_optimizer_whole_step_equals_the_step_of_each_parameter_with_bf16_masters():
-    torch.manual_seed(0)
-    shapes = [(3, 2), (4,), (5, 5)]
-    copies = [[torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)).bfloat16())
-               for i, s in enumerate(shapes)] for _ in range(2)]
+@pytest.mark.parametrize("mode", ["fp32", "bf16_master", "bf16_stochastic"])
+def test_bucketed_updates_are_the_updates_of_each_parameter_alone(mode):
+    """A bucket's update (a few multi-tensor kernels for many parameters) changes nothing: the same weights, bit
+    for bit, as one parameter at a time (the same AdamW kernel; the same rounding bits per parameter)."""
+    dtype = torch.float32 if mode == "fp32" else torch.bfloat16
+    shapes = [(3, 2), (4,), (2, 3, 2, 2), (2,), (7,), (3, 3)]  # the 4-D one channels-last, as a UNet's convs
+    copies = [[torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)).to(dtype).contiguous(
+        memory_format=torch.channels_last if len(s) == 4 else torch.contiguous_format))
+        for i, s in enumerate(shapes)] for _ in range(2)]
     optimizers = []
     for params in copies:
-        precision = WeightPrecision("bf16_master", 0)
+        precision = WeightPrecision(mode, seed=5)
         precision.cast_modules([], params)
-        optimizers.append(ParamwiseOptimizer([{"params": params[:2], "lr": 0.1}, {"params": params[2:], "lr": 0.2}],
-                                             lambda g: torch.optim.AdamW(g, lr=0.1), precision))
-    whole, one_by_one = optimizers
-    assert whole.whole is not None
-    for _ in range(3):
+        optimizers.append(ParamwiseOptimizer([{"params": params[:3], "lr": 0.1}, {"params": params[3:], "lr": 0.2}],
+                                             lambda g: torch.optim.AdamW(g, lr=0.1, foreach=False), precision,
+                                             bucket_elements=12))
+    bucketed, one_by_one = optimizers
+    assert 2 < len(bucketed.buckets) < len(shapes)  # several buckets, some with several parameters
+    assert [id(p) for b in bucketed.buckets for p in b.params] == [id(p) for p in copies[0]]  # each once, in order
+    for step in range(3):
         for a, b in zip(*copies, strict=True):
-            g = torch.randn(a.shape).bfloat16()
+            g = torch.randn(a.shape).to(dtype)
             a.grad, b.grad = g.clone(), g.clone()
-        whole.step()  # the whole-optimizer path
+        bucketed.precision.step = one_by_one.precision.step = step
+        bucketed.step()
         for p in copies[1]:
-            one_by_one.step_param(p)  # the fused path's update, one parameter at a time
+            one_by_one.step_param(p)
             p.grad = None
     for a, b in zip(*copies, strict=True):
         assert torch.equal(a, b)
-        assert torch.equal(whole.precision.masters[a], one_by_one.precision.masters[b])
+        if mode == "bf16_master":
+            assert torch.equal(bucketed.precision.masters[a], one_by_one.precision.masters[b])
+    if mode == "bf16_stochastic":
+        assert all(s.numel() == 0 for s in bucketed.buckets[0].slots)  # the fp32 copies were dropped
+
+
+def test_fused_buckets_update_inside_backward_and_the_step_finishes_the_rest():
+    torch.manual_seed(0)
+    used = [torch.nn.Parameter(torch.randn(4, 4)) for _ in range(3)]
+    unused = torch.nn.Parameter(torch.randn(4))  # gets no gradient: its bucket cannot complete in backward
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in [*used, unused]]
+    fused = ParamwiseOptimizer([{"params": [*used, unused], "lr": 0.1}], lambda g: torch.optim.AdamW(g, lr=0.1),
+                               WeightPrecision("fp32", 0), bucket_elements=32)
+    assert [len(b.params) for b in fused.buckets] == [2, 2]
+    install_fused_step(fused)
+    plain = torch.optim.AdamW(twins, lr=0.1)
+    x = torch.randn(2, 4)
+    (x @ used[0] @ used[1] @ used[2]).square().sum().backward()
+    assert used[0].grad is None and used[1].grad is None  # the complete bucket stepped in backward, grads freed
+    assert used[2].grad is not None  # its bucket waits for a gradient that never comes...
+    (x @ twins[0] @ twins[1] @ twins[2]).square().sum().backward()
+    plain.step()
+    fused.step()  # ...and the step after backward updates it
+    assert used[2].grad is None
+    for p, t in zip([*used, unused], twins, strict=True):
+        torch.testing.assert_close(p, t)
 
 
 # ------------------------------------------------------------------------------------------------------- compile

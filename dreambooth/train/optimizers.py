@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..compat import fused_adamw_available
 from ..config import GLOBAL_OPTIMIZERS, OPTIMIZERS, TrainConfig
 from ..errors import UserError
 from .fused import ParamwiseOptimizer, check_fused, install_fused_step
@@ -110,7 +111,7 @@ def make_optimizer(param_groups: list[dict], settings: OptimizerSettings) -> tup
     name = settings.name
     wd, betas, eps = settings.weight_decay, tuple(settings.betas), settings.eps
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=betas, eps=eps, weight_decay=wd), None
+        return _adamw(groups, betas, eps, wd), None
     if name == "adamw_8bit":
         return _adamw_8bit(groups, settings)
     if name == "lion":
@@ -158,7 +159,18 @@ def _adamw_8bit(groups: list[dict], settings: OptimizerSettings) -> tuple[torch.
                                                        weight_decay=wd), None
     note = f"{problem}; using torch AdamW instead (it needs more memory for its state)."
     log.warning("%s", note)
-    return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=betas, eps=eps, weight_decay=wd), note
+    return _adamw(groups, betas, eps, wd), note
+
+
+def _adamw(groups: list[dict], betas: tuple[float, float], eps: float, weight_decay: float) -> torch.optim.AdamW:
+    """torch's AdamW, with its fused kernel where this torch has one for the device (the same update in one pass
+    over weight, gradient and moments, many tensors per launch, and no temporary the size of the weights)."""
+    params = [p for g in groups for p in g["params"]]
+    device_types = {p.device.type for p in params}
+    fused = len(device_types) == 1 and fused_adamw_available(device_types.pop()) and \
+        all(p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=betas, eps=eps, weight_decay=weight_decay,
+                             **({"fused": True} if fused else {}))
 
 
 _EIGHT_BIT_PROBLEMS: dict[str, str | None] = {}  # device type -> why 8-bit AdamW cannot run there (None: it can)

@@ -51,18 +51,97 @@ def stochastic_round(value: torch.Tensor, generator: torch.Generator | None = No
     distance from the lower one over the gap, so ``E[stochastic_round(x)] == x``. Deterministic given the
     generator's state (the random bits are drawn on the generator's device, which must be ``value``'s).
     """
-    value = value.detach().float().contiguous()
+    copy = value.detach().to(torch.float32, copy=True)  # a dense layout (channels-last) stays as it is
+    flat = torch.empty(padded_size(copy.numel()), dtype=torch.float32, device=copy.device)
+    flat[:copy.numel()] = in_memory_order(copy)
+    noise = torch.empty(flat.shape, dtype=torch.int32, device=flat.device)
+    draw_noise(noise, generator)
+    _round_in_place(flat, noise)
+    in_memory_order(copy).copy_(flat[:copy.numel()])
+    return copy.to(torch.bfloat16)
+
+
+def padded_size(numel: int) -> int:
+    """A parameter's room in a flat buffer of noise: even (the random bits come in pairs)."""
+    return numel + (numel & 1)
+
+
+def draw_noise(out: torch.Tensor, generator: torch.Generator | None) -> None:
+    """Fill ``out`` (int32, even length) with uniform 16-bit values [0, 65536): one 31-bit draw per pair of
+    elements, its bits 0-15 for the first and 15-30 for the second (one bit shared: a correlation of 2e-5 between
+    neighbours, none in each one's rounding). Half the draws of one per element, which are the rounding's largest
+    cost on a CPU."""
+    draws = torch.empty(out.numel() // 2, dtype=torch.int32, device=out.device).random_(generator=generator)
+    _split_draws(draws, out)
+
+
+def _int32(value: int) -> torch.Tensor:
+    """A 0-dim int32 tensor (the integer ops' constants: torch 2.1 under a dispatch mode, as the benchmark's memory
+    tracker, cannot take a Python int for them)."""
+    return torch.tensor(value, dtype=torch.int32)
+
+
+def _split_draws(draws: torch.Tensor, out: torch.Tensor) -> None:
+    pairs = out.view(-1, 2)
+    torch.bitwise_and(draws, _int32(0xFFFF), out=pairs[:, 0])
+    torch.bitwise_right_shift(draws, _int32(15), out=pairs[:, 1])  # bit 31 of a draw is 0: 16 bits already
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill its memory with no gaps: contiguous in the standard or channels-last order."""
+    return t.is_contiguous() or t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def in_memory_order(t: torch.Tensor) -> torch.Tensor:
+    """The elements of the dense ``t`` as a flat view, in the order they lie in memory (the order random bits are
+    drawn in, so a parameter's rounding does not depend on how it is copied)."""
+    return t.as_strided((t.numel(),), (1,))
+
+
+def _round_in_place(value: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``value`` (contiguous fp32) becomes exactly bf16-representable: plus ``noise`` (16 random bits per element)
+    below bf16's mantissa, then the low 16 bits cleared. Two in-place passes. A carry out of the mantissa is the
+    round-up it stands for (up to inf above bf16's largest value); inf has zero low bits and stays inf."""
     bits = value.view(torch.int32)
-    noise = torch.randint(0, 1 << 16, value.shape, generator=generator, dtype=torch.int32, device=value.device)
-    finite = torch.isfinite(value)
-    rounded = (bits + noise) & -65536  # keep sign, exponent and the 7 bf16 mantissa bits
-    rounded = torch.where(finite, rounded, bits)  # inf / nan pass through (truncated below)
-    return rounded.view(torch.float32).to(torch.bfloat16)
+    bits.add_(noise)
+    bits.bitwise_and_(_int32(-65536))  # keep sign, exponent and the 7 bf16 mantissa bits
+    return value
+
+
+@torch.no_grad()
+def stochastic_write_back(params: list[torch.Tensor], flat: torch.Tensor, seeds: list[int],
+                          scratch: torch.Tensor | None = None) -> None:
+    """Each bf16 ``params[i]`` gets its fp32 value, stochastically rounded with the random stream seeded
+    ``seeds[i]``: the same bits as :func:`stochastic_round` of it with that seed's generator, with one pass of
+    arithmetic over the whole group instead of a few per parameter. ``flat`` holds the values side by side, each
+    in the parameter's memory order, in a room of :func:`padded_size`. ``scratch``: int32 room for 1.5 x ``flat``'s
+    elements to reuse (fresh memory costs page faults on a CPU), else allocated here."""
+    if scratch is None:
+        scratch = torch.empty(flat.numel() * 3 // 2, dtype=torch.int32, device=flat.device)
+    noise, draws = scratch[:flat.numel()], scratch[flat.numel():flat.numel() * 3 // 2]
+    generator = torch.Generator(device=flat.device)
+    offset = 0
+    for p, seed in zip(params, seeds, strict=True):
+        generator.manual_seed(seed)  # each parameter's own stream
+        room = padded_size(p.numel()) // 2
+        draws[offset:offset + room].random_(generator=generator)
+        offset += room
+    _split_draws(draws, noise)
+    _round_in_place(flat, noise)
+    offset = 0
+    for p in params:
+        p.copy_(flat[offset:offset + p.numel()].as_strided(p.shape, p.stride()))  # exact: a bf16 value now
+        offset += padded_size(p.numel())
+
+
+def round_seed(seed: int, step: int, index: int) -> int:
+    """The seed of parameter ``index``'s stochastic rounding at optimizer step ``step``."""
+    return ((seed * 1_000_003 + step) * 65_537 + index) % 2**63
 
 
 def round_generator(seed: int, step: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The generator of parameter ``index``'s stochastic rounding at optimizer step ``step``, on ``device``."""
-    return torch.Generator(device=device).manual_seed(((seed * 1_000_003 + step) * 65_537 + index) % 2**63)
+    return torch.Generator(device=device).manual_seed(round_seed(seed, step, index))
 
 
 class WeightPrecision:
@@ -100,7 +179,14 @@ class WeightPrecision:
         if self.mode == "bf16_master":
             param.copy_(updated)
         else:
-            param.copy_(stochastic_round(updated, round_generator(self.seed, self.step, index, param.device)))
+            param.copy_(stochastic_round(updated, self.generator(index, param.device)))
+
+    def generator(self, index: int, device: torch.device) -> torch.Generator:
+        """The random stream of parameter ``index``'s stochastic rounding at this step."""
+        return round_generator(self.seed, self.step, index, device)
+
+    def round_seed(self, index: int) -> int:
+        return round_seed(self.seed, self.step, index)
 
     @contextmanager
     def full_precision(self, params: Iterable[torch.nn.Parameter] | None = None) -> Iterator[None]:

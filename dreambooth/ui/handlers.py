@@ -181,17 +181,27 @@ class TabHandlers:
 
     def apply_profile(self, name: str | None, profile: str | None, *values: Any) -> list[Any]:
         """[memory line, *control values]: the form with a memory profile's settings applied (nothing is written),
-        and the estimated peak memory of training with them. No profile picked: the form as it is, estimated."""
+        and the peak memory of training with them on the device training will use: "measured" where the
+        full-size benchmark ran exactly that configuration, else "estimated". No profile picked: the form as it
+        is."""
         from ..profiles import apply_profile, estimate_memory, profile_summary
 
         base = load_config(self.model(name).path) if name and str(name).strip() else TrainConfig()
         cfg = values_to_config(list(values), self.controls, base)
+        device_type = self.device_type()
         if profile and profile in PROFILE_CHOICES[1:]:
-            text = profile_summary(cfg, profile)
+            text = profile_summary(cfg, profile, device_type)
             cfg = apply_profile(cfg, profile)
         else:
-            text = estimate_memory(cfg).text()
+            text = estimate_memory(cfg, device_type=device_type).text()
         return [memory_html(text), *config_to_values(cfg, self.controls)]
+
+    def device_type(self) -> str:
+        """The kind of device training will run on: the host's choice, else CUDA when there is one."""
+        from ..profiles import default_device_type
+
+        device = self.device()
+        return str(device).split(":")[0] if device else default_device_type()
 
     # ------------------------------------------------------------------------------------------------ models
     def model_choices(self) -> list[str]:
