@@ -351,7 +351,8 @@ def _spec_json(spec: Any) -> dict[str, Any]:
             "label": spec.label, "help": spec.help, "group": spec.group, "min": spec.minimum, "max": spec.maximum,
             "choices": list(spec.choices) if spec.choices is not None else None, "ui": spec.ui,
             "methods": list(spec.methods) if spec.methods is not None else None,
-            "optimizers": list(spec.optimizers) if spec.optimizers is not None else None}
+            "optimizers": list(spec.optimizers) if spec.optimizers is not None else None,
+            "predictions": list(spec.predictions) if spec.predictions is not None else None}
 
 
 def schema() -> dict[str, Any]:

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_json
+from .config_migrations import CONCEPT_RENAMED_KEYS, RENAMED_KEYS, VALUE_MIGRATIONS
 from .errors import ConfigError, UserError
-from .families import FAMILY_IDS
+from .families import FAMILIES, FAMILY_IDS
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +60,21 @@ WEIGHT_PRECISIONS = ("fp32", "bf16_master", "bf16_stochastic")
 # and its own epsilon pair, Lion has no epsilon. The others ignore these settings, so the tab hides them.
 BETAS_OPTIMIZERS = ("adamw", "adamw_8bit", "lion", "dadaptation", "prodigy")
 EPSILON_OPTIMIZERS = ("adamw", "adamw_8bit", "dadaptation", "prodigy")
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what a family's UNet predicts (families.Family.prediction_type)
+# methods whose saves each export their own files (named by the step; textual inversion replaces its file)
+PER_SAVE_EXPORT_METHODS = tuple(m for m in METHODS if m != "textual_inversion")
 
 
 def setting(default: Any, label: str, help: str, group: str, *, minimum: float | None = None,
             maximum: float | None = None, choices: Collection[str] | None = None, ui: bool = True,
-            methods: tuple[str, ...] | None = None, optimizers: tuple[str, ...] | None = None) -> Any:
+            methods: tuple[str, ...] | None = None, optimizers: tuple[str, ...] | None = None,
+            predictions: tuple[str, ...] | None = None) -> Any:
     """A dataclass field with the metadata the UI, CLI and API are generated from.
 
-    ``methods`` / ``optimizers``: the training methods / optimizers the setting applies to (None: all); the tab
-    hides it for the others.
+    ``methods`` / ``optimizers`` / ``predictions`` (``PREDICTION_TYPES``): where it applies (None: all); else hidden.
     """
     meta = {"label": label, "help": help, "group": group, "min": minimum, "max": maximum, "choices": choices,
-            "ui": ui, "methods": methods, "optimizers": optimizers}
+            "ui": ui, "methods": methods, "optimizers": optimizers, "predictions": predictions}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -118,6 +122,10 @@ class Concept:
                                            minimum=1.0, maximum=30.0)
     sample_steps: int = setting(20, "Sample steps", "Sampling steps for previews.", "samples",
                                 minimum=1, maximum=200)
+    validation_data_dir: str = setting("", "Validation images folder", "Images that never train: their loss at each "
+                                       "save goes to logs/validation.csv and the loss chart.", "validation")
+    validation_holdout: int = setting(0, "Hold out N instance images for validation", "The same N instance images "
+                                      "every run validate instead of training; 0: none.", "validation", minimum=0)
 
 
 @dataclass
@@ -301,6 +309,10 @@ class TrainConfig:
     shuffle_tags: bool = setting(False, "Shuffle tags", "Shuffle comma-separated caption tags each step.", "images")
     keep_tokens: int = setting(0, "Keep N tokens", "Leading caption tags kept in place when shuffling.", "images",
                                minimum=0, maximum=75)
+    caption_dropout: float = setting(0.0, "Caption dropout", "Chance an instance image trains with an empty prompt "
+                                     "(helps guidance); 0 is off, 0.05-0.1 usual.", "images", minimum=0.0, maximum=1.0)
+    caption_tag_dropout: float = setting(0.0, "Tag dropout", "Chance each tag after the first 'Keep N tokens' is left "
+                                         "out in a step; 0 is off.", "images", minimum=0.0, maximum=1.0)
     long_prompts: str = setting("truncate", "Prompts over 75 tokens",
                                 "truncate (with a warning) or chunk into 75-token windows like the WebUI.", "images",
                                 choices=LONG_PROMPTS)
@@ -312,6 +324,20 @@ class TrainConfig:
                                   "brights. 0 is off; 0.05-0.1 is usual.", "loss", minimum=0.0, maximum=1.0)
     min_snr_gamma: float = setting(0.0, "Min-SNR gamma", "Min-SNR loss weighting; 0 is off, 5 is usual.", "loss",
                                    minimum=0.0, maximum=100.0)
+    debiased_estimation: bool = setting(False, "Debiased estimation loss", "Weight each example by 1/sqrt(SNR) "
+                                        "(v: 1/(SNR+1)), as kohya: less on nearly clean timesteps.", "loss")
+    masked_loss: bool = setting(False, "Masked loss", "Train only where name.mask.png (beside name.png, or in masks/) "
+                                "or the image's alpha is white; unmasked images train everywhere.", "loss")
+    pyramid_noise_iterations: int = setting(0, "Multi-resolution noise iterations", "Pyramid noise levels (like offset "
+                                            "noise: dark/bright areas); 0 is off, 6-10 usual.", "loss", minimum=0,
+                                            maximum=16)
+    pyramid_noise_discount: float = setting(0.3, "Multi-resolution noise discount", "Strength of each coarser level "
+                                            "relative to the one before.", "loss", minimum=0.0, maximum=1.0)
+    input_perturbation: float = setting(0.0, "Input perturbation", "Extra noise on the UNet's input only (less "
+                                        "exposure bias); 0 is off, 0.1 usual.", "loss", minimum=0.0, maximum=1.0)
+    zero_terminal_snr: bool = setting(False, "Zero terminal SNR", "Rescale the schedule so its last step is pure noise "
+                                      "(v-prediction only; sample with the WebUI's 'Zero Terminal SNR').", "loss",
+                                      predictions=("v_prediction",))
     freeze_clip_normalization: bool = setting(False, "Freeze CLIP normalization layers",
                                               "Keep the text encoder's LayerNorms fixed while it trains.", "loss",
                                               methods=("dreambooth",))
@@ -329,6 +355,13 @@ class TrainConfig:
                                       minimum=1, maximum=100)
     sample_scheduler: str = setting("dpmpp_2m", "Preview scheduler", "Sampler for previews and class images.",
                                     "saving", choices=SAMPLE_SCHEDULERS)
+
+    # validation (the set itself is per concept)
+    keep_best_saves: int = setting(0, "Keep the best N saves", "Delete the exports of all but the N saves with the "
+                                   "lowest validation loss; 0 keeps all.", "validation", minimum=0,
+                                   methods=PER_SAVE_EXPORT_METHODS)
+    early_stop_saves: int = setting(0, "Stop when validation loss has not improved for K saves", "End the run after K "
+                                    "saves without a new lowest validation loss; 0: never.", "validation", minimum=0)
 
     concepts: list[Concept] = field(default_factory=list, metadata={"label": "Concepts", "help": "", "group": "",
                                                                     "ui": False})
@@ -367,11 +400,14 @@ class FieldSpec:
     ui: bool
     methods: tuple[str, ...] | None = None  # the training methods it applies to; None: all
     optimizers: tuple[str, ...] | None = None  # the optimizers that read it; None: all
+    predictions: tuple[str, ...] | None = None  # the model prediction types it works with; None: all
 
-    def applies(self, method: str, optimizer: str | None = None) -> bool:
-        """Whether the setting has an effect with this training method and optimizer (None: any optimizer)."""
+    def applies(self, method: str, optimizer: str | None = None, prediction: str | None = None) -> bool:
+        """Whether the setting has an effect with this training method, optimizer and model prediction type
+        (None: any optimizer / prediction type)."""
         return ((self.methods is None or method in self.methods)
-                and (optimizer is None or self.optimizers is None or optimizer in self.optimizers))
+                and (optimizer is None or self.optimizers is None or optimizer in self.optimizers)
+                and (prediction is None or self.predictions is None or prediction in self.predictions))
 
 
 def field_specs(cls: type = TrainConfig) -> list[FieldSpec]:
@@ -384,7 +420,8 @@ def field_specs(cls: type = TrainConfig) -> list[FieldSpec]:
         m = f.metadata
         choices = tuple(m["choices"]) if m["choices"] is not None else None  # METHODS grows when one registers
         specs.append(FieldSpec(f.name, types[f.name], f.default, m["label"], m["help"], m["group"], m["min"],
-                               m["max"], choices, m["ui"], m.get("methods"), m.get("optimizers")))
+                               m["max"], choices, m["ui"], m.get("methods"), m.get("optimizers"),
+                               m.get("predictions")))
     return specs
 
 
@@ -395,12 +432,18 @@ def applies_to(name: str, method: str) -> bool:
 
 
 def check_applies(cfg: TrainConfig, name: str, off: Any) -> None:
-    """Refuse the setting ``name`` set to something other than ``off`` when it does not apply to the method."""
-    if getattr(cfg, name) != off and not applies_to(name, cfg.method):
-        spec = next(s for s in field_specs() if s.name == name)
+    """Refuse the setting ``name`` set to something other than ``off`` when it does not apply to the method or to
+    the model's prediction type."""
+    if getattr(cfg, name) == off:
+        return
+    spec = next(s for s in field_specs() if s.name == name)
+    if not applies_to(name, cfg.method):
         methods = " and ".join(m.replace("_", " ") for m in spec.methods or ())
         raise UserError(f"{spec.label.lower()} {getattr(cfg, name)} applies to {methods} training",
                         f"set {spec.label.lower()} to {off} for {cfg.method.replace('_', ' ')}")
+    if not spec.applies(cfg.method, prediction=(prediction := FAMILIES[cfg.family].prediction_type)):
+        raise UserError(f"{spec.label.lower()} needs a v-prediction model; {FAMILIES[cfg.family].label} predicts "
+                        f"{prediction.replace('_', '-')}", f"turn {spec.label.lower()} off, or train an SD 2.x 768-v")
 
 
 def _field_types(cls: type) -> dict[str, type]:
@@ -410,36 +453,6 @@ def _field_types(cls: type) -> dict[str, type]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # validation and migration
-
-# key in an older config (ours before v1, or the old DreamBooth extension's) -> key now
-RENAMED_KEYS = {
-    "num_train_epochs": "epochs",
-    "epoch_pause_frequency": "pause_every_n_epochs",
-    "epoch_pause_time": "pause_seconds",
-    "save_embedding_every": "save_every_n_epochs",
-    "save_preview_every": "preview_every_n_epochs",
-    "stop_text_encoder": "text_encoder_ratio",
-    "learning_rate_txt": "text_encoder_learning_rate",
-    "half_model": "export_dtype",
-    "use_8bit_adam": "optimizer",
-    "src": "source_checkpoint",
-    "model_type": "family",
-}
-CONCEPT_RENAMED_KEYS = {
-    "save_sample_prompt": "sample_prompt",
-    "save_sample_negative_prompt": "sample_negative_prompt",
-    "save_sample_template": "sample_template_file",
-    "n_save_sample": "n_samples",
-    "save_guidance_scale": "sample_guidance_scale",
-    "save_infer_steps": "sample_steps",
-    "num_repeats": "repeats",
-}
-_VALUE_MIGRATIONS = {
-    # old key -> function(old value) giving the new key's value
-    "half_model": lambda v: "fp16" if v else "fp32",
-    "use_8bit_adam": lambda v: "adamw_8bit" if v else "adamw",
-}
-
 
 def coerce(name: str, spec: FieldSpec, value: Any) -> Any:
     """Check one value against its spec; return it (ints accepted for floats) or raise ConfigError naming the field."""
@@ -481,8 +494,8 @@ def _migrate_keys(data: dict[str, Any], renamed: dict[str, str], where: str, not
     for key, value in data.items():
         new = renamed.get(key)
         if new is not None and new != key:
-            if key in _VALUE_MIGRATIONS:
-                value = _VALUE_MIGRATIONS[key](value)
+            if key in VALUE_MIGRATIONS:
+                value = VALUE_MIGRATIONS[key](value)
             if new in data:
                 notes.append(f"{where}{key}: dropped in favour of {new}, which is also set")
                 continue

@@ -22,16 +22,17 @@ from ..atomic import clean_stale_temps, fault_point
 from ..compat import grad_scaler
 from ..config import check_applies, load_config, resolve_concepts
 from ..data.dataset import Example, TrainingData, check_instance_prompts
-from ..data.prompts import tokenize_prompts
 from ..errors import UserError
 from ..families import get_family
 from ..lock import acquire, acquire_device, device_key
 from ..sample import Sampler, SampleSettings, fill_class_folders
 from ..store import ModelDir
 from . import oom
+from .batches import BatchMaker
 from .caches import LatentCache, Offloader, TextEmbeddingCache, offload_idle
 from .methods import MethodContext, SavePoint, Weights, method_class
 from .models import load_models, set_attention
+from .noise import use_zero_terminal_snr
 from .optimizers import build_optimizer
 from .options import RunOptions, attention_for, autocast_dtype, pick_device
 from .precision import WeightPrecision, check_weight_precision
@@ -40,7 +41,8 @@ from .saving import NAN_HINT, Saver, restore_rng, rng_states
 from .schedules import make_lr_scheduler
 from .speed import compile_unet, use_pinned_memory
 from .status import Controls, StatusWriter
-from .step import Batch, StepSettings, compute_loss
+from .step import StepSettings, compute_loss
+from .validation import StoppedEarly, Validation
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,8 @@ class Trainer:
                 if self.cfg.save_on_cancel and self.step > 0:
                     self._save()  # a failing save here ends as "failed", below
                 self._finish("cancelled", f"cancelled at step {self.step}")
+            except StoppedEarly as stop:
+                self._finish("done", str(stop))
             else:
                 lowered = "" if self.micro_batch == self.cfg.train_batch_size else \
                     f" (with batch {self.micro_batch} after running out of memory)"
@@ -119,6 +123,7 @@ class Trainer:
         self.concepts = resolve_concepts(cfg)
         self.resolution = cfg.resolution or get_family(cfg.family).resolution
         check_instance_prompts(self.concepts, self.resolution, cfg.enable_buckets, cfg.seed)
+        check_applies(cfg, "zero_terminal_snr", False)  # v-prediction only
         self.models = load_models(self.model.working, cfg.family)
         self.autocast = autocast_dtype(cfg.mixed_precision, self.device, self.opts.cpu_fp16)
         self.sample_settings = SampleSettings.from_config(cfg, self.autocast)  # previews and class images
@@ -126,6 +131,8 @@ class Trainer:
         self._to_device()
         self.class_dirs = [self.model.class_images(i, c.class_data_dir) for i, c in enumerate(self.concepts)]
         self._generate_class_images()
+        if cfg.zero_terminal_snr:  # after the class images: they are the untrained model's, with its own schedule
+            use_zero_terminal_snr(self.models.noise_scheduler, self.models.scheduler_config)
         class_dirs = [d if c.num_class_images_per > 0 else None for c, d in zip(self.concepts, self.class_dirs,
                                                                                    strict=True)]
         self.data = TrainingData(self.concepts, self.resolution, enable_buckets=cfg.enable_buckets, seed=cfg.seed,
@@ -141,12 +148,17 @@ class Trainer:
         self._make_optimizer()
         self.method.ready()
         self.saver = Saver(self.model, cfg, self.opts, self.method, self.status)
+        self.validation = Validation(cfg, self.data, self.models, self.device, self.status,
+                                     self.method.added_modules(), self.autocast)
         if self.opts.resume:
             self._load_resume_state()
             self.status.truncate_loss_log(self.step)  # the steps after it are trained (and logged) again
         else:
             self.status.start_new_loss_log(self.base_revision)  # this run's steps count from 1 again
+        self.validation.start_log(self.opts.resume, self.base_revision)
         self._prepare_caches()
+        self.batches = BatchMaker(cfg, self.models, self.data, self.latents, self.method, self.text_cache,
+                                  self.text_encoder_steps)
         log.info("training %s: %d epochs x %d steps = %d steps", self.model.name, cfg.epochs, self.steps_per_epoch,
                  self.total_steps)
         self.status.update(force=True, state="running", total_steps=self.total_steps, total_epochs=cfg.epochs,
@@ -178,6 +190,7 @@ class Trainer:
             self._preview()
         if last or cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0:
             self._save()
+            self.validation.stop_if_stale()
         if cfg.pause_every_n_epochs and epoch % cfg.pause_every_n_epochs == 0 and not last:
             self._sleep(cfg.pause_seconds, f"pausing {cfg.pause_seconds:g} s after epoch {epoch}")
 
@@ -250,7 +263,8 @@ class Trainer:
     def _trainer_state(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
-                "base_revision": self.base_revision, **rng_states(self.device), **self.method.state_dict()}
+                "base_revision": self.base_revision, **rng_states(self.device), **self.method.state_dict(),
+                **self.validation.state_dict()}
 
     def _load_resume_state(self) -> None:
         state = latest_state(self.model.checkpoints)
@@ -263,6 +277,7 @@ class Trainer:
         self.optimizer.load_state_dict(t["optimizer"])
         self.lr_scheduler.load_state_dict(t["lr_scheduler"])
         self.method.load_state_dict(t)
+        self.validation.load_state_dict(t)
         self.step, self.epoch, self.batch_in_epoch = t["step"], t["epoch"], t["batch_in_epoch"]
         self.base_revision = t["base_revision"]
         restore_rng(t, self.device)
@@ -313,7 +328,7 @@ class Trainer:
             for start in range(0, len(examples), self.micro_batch):
                 piece = examples[start:start + self.micro_batch]
                 oom.oom_point(self.step + 1, len(piece))
-                loss, _ = compute_loss(self.models, self._make_batch(piece, rng), settings, generator)
+                loss, _ = compute_loss(self.models, self.batches.make(piece, rng, self.step), settings, generator)
                 loss = loss * (len(piece) / len(examples))
                 (self.scaler.scale(loss / len(group)) if self.scaler else loss / len(group)).backward()
                 batch_loss = batch_loss + loss.detach()
@@ -344,27 +359,6 @@ class Trainer:
         if self.offloader is not None and self.text_cache is not None:
             self.offloader.offload(list(self.models.text_encoders))  # frozen from now on: the cache stands in
 
-    def _make_batch(self, examples: list[Example], rng: random.Random) -> Batch:
-        cfg = self.cfg
-        flips = [cfg.hflip and rng.random() < 0.5 for _ in examples]
-        latents = torch.stack([self.latents.get(ex, flip) for ex, flip in zip(examples, flips, strict=True)])
-        if cfg.channels_last:
-            latents = latents.contiguous(memory_format=torch.channels_last)
-        prompts = [self.method.expand_prompt(self.data.prompt_for(ex, shuffle=cfg.shuffle_tags,
-                                                                  keep_tokens=cfg.keep_tokens, rng=rng))
-                   for ex in examples]
-        token_ids = []
-        for tokenizer in self.models.tokenizers:
-            ids, warnings = tokenize_prompts(tokenizer, prompts, cfg.long_prompts)
-            for warning in warnings:
-                log.warning("%s", warning)
-            token_ids.append(ids)
-        is_class = torch.tensor([ex.is_class for ex in examples])
-        encoded = None
-        if self.text_cache is not None and self.step >= self.text_encoder_steps:
-            encoded = self.text_cache.get(token_ids)  # the text encoders are frozen for this step
-        return Batch(latents, token_ids, is_class, [ex.bucket for ex in examples], encoded)
-
     # ------------------------------------------------------------------------------------------------ events
     def _save_point(self) -> SavePoint:
         captions: dict[str, list[str]] = {}
@@ -377,9 +371,12 @@ class Trainer:
             return self.method.trained_weights()
 
     def _save(self) -> None:
-        """A save (``saving.py``): the free disk space is checked first, and the resume state is written first."""
-        self.saver.save(self._save_point(), self._trained_weights, self._trainer_state)
+        """A save (``saving.py``): the free disk space is checked first, and the resume state is written first; the
+        validation loss is measured before (the resume state keeps it), and the best saves are kept after."""
+        self.validation.measure(self.step, self.epoch, self.batches)
+        exported = self.saver.save(self._save_point(), self._trained_weights, self._trainer_state)
         self.saves.append(self.step)
+        self.validation.saved(self.step, exported)
 
     def _preview(self) -> None:
         for p in self.trained_params:

@@ -32,9 +32,10 @@ SETTING_GROUPS = {
     "images": "Image processing and prompts",
     "loss": "Loss and text encoder",
     "saving": "Saving",
+    "validation": "Validation",
 }
 CONCEPT_GROUPS = {"instance": "Instance images", "class": "Class images (prior preservation)",
-                  "samples": "Previews"}
+                  "samples": "Previews", "validation": "Validation"}
 
 
 @dataclass(frozen=True)
@@ -174,10 +175,12 @@ class StepEstimate:
     text: str
 
 
-def shown_for_method(method: str, controls: list[Control], optimizer: str | None = None) -> list[bool]:
-    """Which of ``controls`` apply to the training method and optimizer (the rest are hidden, e.g. LoRA rank for
-    DreamBooth, Adam's betas for Adafactor); ``optimizer`` None: any."""
-    return [control.spec.applies(method, optimizer) for control in controls]
+def shown_for_method(method: str, controls: list[Control], optimizer: str | None = None,
+                     prediction: str | None = None) -> list[bool]:
+    """Which of ``controls`` apply to the training method, optimizer and the model's prediction type (the rest are
+    hidden, e.g. LoRA rank for DreamBooth, Adam's betas for Adafactor, zero terminal SNR for epsilon models);
+    ``optimizer`` / ``prediction`` None: any."""
+    return [control.spec.applies(method, optimizer, prediction) for control in controls]
 
 
 def estimate_steps(concepts: list[Concept], epochs: int, batch_size: int, grad_accum: int,

@@ -203,20 +203,23 @@ def build_tab(host: Host) -> Any:
         compat.on(poll.click, guard(len(poll_outputs))(handlers.poll), [model, seen], poll_outputs, queue=False,
                   show_progress="hidden")
 
-        # settings that do not apply to the chosen training method or optimizer are hidden, whole groups too
+        # settings that do not apply to the chosen training method, optimizer or the model's prediction type are
+        # hidden, whole groups too
         def depends(control: Control) -> bool:
-            return control.spec.methods is not None or control.spec.optimizers is not None
+            spec = control.spec
+            return spec.methods is not None or spec.optimizers is not None or spec.predictions is not None
 
         dependent = [c for c in config_controls if depends(c)]
         dependent_groups = [(accordion, controls) for accordion, controls in groups.values()
                             if all(depends(c) for c in controls)]
 
-        def show_for(method: str, optimizer: str) -> list[Any]:
-            updates = [compat.update(visible=v) for v in shown_for_method(method, dependent, optimizer)]
-            return updates + [compat.update(visible=any(shown_for_method(method, cs, optimizer)))
+        def show_for(method: str, optimizer: str, name: str | None) -> list[Any]:
+            prediction = handlers.prediction_type(name)
+            updates = [compat.update(visible=v) for v in shown_for_method(method, dependent, optimizer, prediction)]
+            return updates + [compat.update(visible=any(shown_for_method(method, cs, optimizer, prediction)))
                               for _, cs in dependent_groups]
 
-        choice = [made["dbt_method"], made["dbt_optimizer"]]
+        choice = [made["dbt_method"], made["dbt_optimizer"], model]
         for trigger in choice:
             compat.on(trigger.change, show_for, choice,
                       [made[c.elem_id] for c in dependent] + [a for a, _ in dependent_groups], queue=False)
