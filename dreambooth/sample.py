@@ -280,16 +280,38 @@ def generate_images(pipeline: Any, req: SampleRequest, seeds: list[int], device:
     modules = _modules(pipeline)
     with _eval_mode(modules), torch.no_grad():
         with _autocast(modules, module_device, autocast):
-            result = pipeline(prompt=req.prompt, negative_prompt=req.negative_prompt or None,
+            result = pipeline(**_prompt_arguments(pipeline, req, module_device),
                               num_inference_steps=req.steps, guidance_scale=req.guidance_scale, width=req.width,
                               height=req.height, num_images_per_prompt=len(seeds),
                               generator=generators if len(generators) > 1 else generators[0],
-                              latents=_initial_noise(pipeline, req, generators, module_device),
-                              clip_skip=req.clip_skip - 1 if req.clip_skip > 1 else None, output_type="latent")
+                              latents=_initial_noise(pipeline, req, generators, module_device), output_type="latent")
         images = _decode(pipeline, result.images)
     for image, seed in zip(images, seeds, strict=True):
         image.info["seed"] = seed
     return images
+
+
+def _prompt_arguments(pipeline: Any, req: SampleRequest, device: torch.device) -> dict[str, Any]:
+    """The pipeline's prompt arguments for ``req``. SDXL pipelines take clip skip themselves. For SD 1.x/2.x with clip
+    skip the prompts are encoded here, as the WebUI does (the N-th last layer, then the final layer norm): diffusers'
+    own clip skip reaches for ``text_encoder.text_model``, which transformers 5 no longer has."""
+    negative = req.negative_prompt or None
+    if req.clip_skip <= 1 or hasattr(pipeline, "text_encoder_2"):
+        return {"prompt": req.prompt, "negative_prompt": negative,
+                "clip_skip": req.clip_skip - 1 if req.clip_skip > 1 else None}
+    embeds = {"prompt_embeds": _clip_skipped(pipeline, req.prompt, req.clip_skip, device)}
+    if req.guidance_scale > 1:
+        embeds["negative_prompt_embeds"] = _clip_skipped(pipeline, negative or "", req.clip_skip, device)
+    return embeds
+
+
+def _clip_skipped(pipeline: Any, prompt: str, clip_skip: int, device: torch.device) -> torch.Tensor:
+    """[1, 77, D]: the ``clip_skip``-th last text encoder layer of ``prompt`` with the final layer norm applied."""
+    tokenizer, encoder = pipeline.tokenizer, pipeline.text_encoder
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    hidden = encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
+    return getattr(encoder, "text_model", encoder).final_layer_norm(hidden)
 
 
 def _initial_noise(pipeline: Any, req: SampleRequest, generators: list[torch.Generator],

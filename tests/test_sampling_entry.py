@@ -77,6 +77,32 @@ def test_clip_skip_reaches_the_image(tiny_models, tmp_path):
     assert not np.array_equal(np.asarray(images[1]), np.asarray(images[2]))
 
 
+def test_clip_skip_encodes_as_training_does(tiny_models):
+    """Sampling's clip skip (encoded by us: diffusers' own reaches for an attribute transformers 5 dropped) gives the
+    prompt embedding that training conditions on with the same clip skip."""
+    from dreambooth.train.conditioning import encode_tokens
+
+    models = tiny_models("sd1")
+    pipeline = Sampler(models, torch.device("cpu"), SampleSettings("euler", clip_skip=2)).pipeline
+    req = sample_module.SampleRequest(prompt="a photo of zwx disc", negative_prompt="blurry", seed=1, steps=2,
+                                      guidance_scale=7.0, width=SIZE, height=SIZE, scheduler="euler", clip_skip=2)
+    with torch.no_grad():
+        ours = sample_module._prompt_arguments(pipeline, req, torch.device("cpu"))
+        ids = pipeline.tokenizer(req.prompt, padding="max_length", max_length=77, truncation=True,
+                                 return_tensors="pt").input_ids
+        trained, _ = encode_tokens(models, [ids], clip_skip=2)
+        last, _ = encode_tokens(models, [ids], clip_skip=1)
+    assert set(ours) == {"prompt_embeds", "negative_prompt_embeds"}
+    torch.testing.assert_close(ours["prompt_embeds"], trained)
+    assert not torch.allclose(ours["prompt_embeds"], last)
+    if hasattr(pipeline.text_encoder, "text_model"):  # transformers 4 (the WebUI's): diffusers' own clip skip agrees
+        with torch.no_grad():  # (diffusers skips no layer for the negative prompt; the WebUI skips for both, as we do)
+            theirs, _ = pipeline.encode_prompt(req.prompt, "cpu", 1, False, clip_skip=1)
+            negative, _ = pipeline.encode_prompt(req.negative_prompt, "cpu", 1, False, clip_skip=1)
+        torch.testing.assert_close(ours["prompt_embeds"], theirs)
+        torch.testing.assert_close(ours["negative_prompt_embeds"], negative)
+
+
 def test_previews_and_class_images_of_a_run_use_its_clip_skip_and_precision(tmp_path, tiny_checkpoint, monkeypatch):
     calls = []
     real = sample_module.generate_images
