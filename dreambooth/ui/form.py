@@ -203,6 +203,7 @@ def estimate_steps(concepts: list[Concept], epochs: int, batch_size: int, grad_a
             continue
         path = Path(folder).expanduser()
         images = sum(1 for f in path.iterdir() if is_image_file(f)) if path.is_dir() else 0
+        images = max(0, images - concept.validation_holdout)  # held out for validation: they do not train
         per = images * concept.repeats * (2 if concept.num_class_images_per > 0 else 1)
         items += per
         prior = " x 2 (prior preservation)" if concept.num_class_images_per > 0 else ""

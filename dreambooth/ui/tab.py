@@ -213,7 +213,7 @@ def build_tab(host: Host) -> Any:
         dependent_groups = [(accordion, controls) for accordion, controls in groups.values()
                             if all(depends(c) for c in controls)]
 
-        def show_for(method: str, optimizer: str, name: str | None) -> list[Any]:
+        def show_for(method: str, optimizer: str, name: str | None = None) -> list[Any]:
             prediction = handlers.prediction_type(name)
             updates = [compat.update(visible=v) for v in shown_for_method(method, dependent, optimizer, prediction)]
             return updates + [compat.update(visible=any(shown_for_method(method, cs, optimizer, prediction)))
