@@ -105,10 +105,17 @@ def test_keep_best_ranks_by_loss(tmp_path):
     assert sorted(s for s, f in files.items() if f.exists()) == [2, 4]
 
 
-def test_validation_settings_refuse_what_cannot_work(tmp_path, tiny_checkpoint):
+def test_validation_settings_refuse_what_cannot_work(tmp_path, tiny_checkpoint, monkeypatch):
+    from dreambooth.train import loop
+
+    def never(*args, **kwargs):
+        raise AssertionError("the models were loaded before the settings were checked")
+
     md = make_training_model(tmp_path, tiny_checkpoint("sd1"), name="nohold", images=2, early_stop_saves=2)
-    with pytest.raises(UserError, match="needs a validation set"):
-        run(md)
+    with monkeypatch.context() as patched:
+        patched.setattr(loop, "load_models", never)
+        with pytest.raises(UserError, match="needs a validation set"):
+            run(md)
     md = make_training_model(tmp_path, tiny_checkpoint("sd1"), name="all", images=2,
                              concept={"validation_holdout": 2})
     with pytest.raises(UserError, match="leaves none to train on"):

@@ -42,7 +42,7 @@ from .schedules import make_lr_scheduler
 from .speed import compile_unet, use_pinned_memory
 from .status import Controls, StatusWriter
 from .step import StepSettings, compute_loss
-from .validation import StoppedEarly, Validation
+from .validation import StoppedEarly, Validation, check_validation
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ class Trainer:
         self.resolution = cfg.resolution or get_family(cfg.family).resolution
         check_instance_prompts(self.concepts, self.resolution, cfg.enable_buckets, cfg.seed)
         check_applies(cfg, "zero_terminal_snr", False)  # v-prediction only
+        check_validation(cfg, self.concepts)
         self.models = load_models(self.model.working, cfg.family)
         self.autocast = autocast_dtype(cfg.mixed_precision, self.device, self.opts.cpu_fp16)
         self.sample_settings = SampleSettings.from_config(cfg, self.autocast)  # previews and class images

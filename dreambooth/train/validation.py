@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .. import platform_compat
 from ..atomic import write_text
-from ..config import TrainConfig, check_applies
+from ..config import Concept, TrainConfig, check_applies
 from ..data.dataset import Example, TrainingData
 from ..errors import UserError
 from .batches import BatchMaker
@@ -39,6 +39,18 @@ from .validation_log import LOG_COLUMNS, LOG_NAME, read_log
 log = logging.getLogger(__name__)
 
 NOISE_SEED = 0  # the same noise in every run, whatever the training seed: runs compare too
+
+
+def check_validation(cfg: TrainConfig, concepts: Sequence[Concept]) -> None:
+    """Refuse "keep the best saves" / "stop early" without a validation set (before any time is spent), and keeping
+    the best saves with a method whose saves do not export files of their own."""
+    if not any(c.validation_data_dir.strip() or c.validation_holdout > 0 for c in concepts) and (
+            cfg.keep_best_saves or cfg.early_stop_saves):
+        what = "keep the best saves" if cfg.keep_best_saves else "stop early"
+        raise UserError(f"'{what}' needs a validation set, and no concept has one",
+                        "set a concept's 'Validation images folder' or 'Hold out N instance images for "
+                        "validation', or set the option to 0")
+    check_applies(cfg, "keep_best_saves", 0)
 
 
 class StoppedEarly(Exception):
@@ -87,12 +99,6 @@ class Validation:
         self.records: list[Record] = []
         examples = [ex for items in data.validation for ex in items]
         self.enabled = bool(examples)
-        if not self.enabled and (cfg.keep_best_saves or cfg.early_stop_saves):
-            what = "keep the best saves" if cfg.keep_best_saves else "stop early"
-            raise UserError(f"'{what}' needs a validation set, and no concept has one",
-                            "set a concept's 'Validation images folder' or 'Hold out N instance images for "
-                            "validation', or set the option to 0")
-        check_applies(cfg, "keep_best_saves", 0)
         self.chunks = self._prepare(examples, data, device) if self.enabled else []
         if self.enabled:
             log.info("validation set: %d images", len(examples))
