@@ -11,8 +11,9 @@ exists, 500 anything unexpected (logged with its traceback).
 ``host`` is any object with ``models_root()``, ``checkpoint_dir()``, ``checkpoints()`` (paths, or a mapping of
 title to path), ``attention_default()`` and ``after_export(path)``; optional: ``auth`` (None, ``{user: password}``
 or a function ``(user, password) -> bool``; else ``api_credentials()`` is asked for the dict), ``device()`` (the
-torch device for training) and ``training_started(model, is_running=..., read_status=...)``. When credentials are
-set, every route needs them (HTTP basic, as the WebUI's ``--api-auth user:pass,user2:pass2``).
+torch device for training) and ``training_started(model, is_running=..., read_status=..., job=...)`` (``job``:
+"sampling" for ``.../sample``). When credentials are set, every route needs them (HTTP basic, as the WebUI's
+``--api-auth user:pass,user2:pass2``).
 
 Source checkpoints for a new model must be one the host lists or lie inside its checkpoint folder (symlinks
 resolved), so the API never reads other files of the machine.
@@ -352,7 +353,8 @@ def _spec_json(spec: Any) -> dict[str, Any]:
             "choices": list(spec.choices) if spec.choices is not None else None, "ui": spec.ui,
             "methods": list(spec.methods) if spec.methods is not None else None,
             "optimizers": list(spec.optimizers) if spec.optimizers is not None else None,
-            "predictions": list(spec.predictions) if spec.predictions is not None else None}
+            "predictions": list(spec.predictions) if spec.predictions is not None else None,
+            "requires": {spec.requires[0]: list(spec.requires[1])} if spec.requires else None}
 
 
 def schema() -> dict[str, Any]:
@@ -492,6 +494,22 @@ def create_router(host: Any) -> APIRouter:
             await run_in_threadpool(lambda: started(md, is_running=lambda: jobs.running(md),
                                                     read_status=lambda: jobs.status(md)))
         log.info("API: started training of %s (pid %d)", md.name, pid)
+        return JSONResponse({"pid": pid, "status": await run_in_threadpool(jobs.status, md)}, status_code=202)
+
+    @router.post("/models/{name}/sample")
+    async def sample(name: str) -> Response:
+        """Previews of the working weights now, with the saved config, made by a worker ("Generate samples now");
+        202 at once, the result in .../status (``samples``) and .../samples."""
+        from .sample_job import check_previews
+
+        md = _open(host, name)
+        await run_in_threadpool(lambda: check_previews(load_config(md.path)))
+        pid = await run_in_threadpool(lambda: jobs.start(md, models_root=host.models_root(), device=_device(host),
+                                                         attention_default=host.attention_default(), job="sample"))
+        started = getattr(host, "training_started", None)
+        if callable(started):  # the WebUI's model leaves VRAM while the worker samples
+            await run_in_threadpool(lambda: started(md, is_running=lambda: jobs.running(md),
+                                                    read_status=lambda: jobs.status(md), job="sampling"))
         return JSONResponse({"pid": pid, "status": await run_in_threadpool(jobs.status, md)}, status_code=202)
 
     def control(action: Callable[[ModelDir], None]) -> Callable[[str], Awaitable[Response]]:

@@ -33,7 +33,8 @@ _fault_counts: dict[str, int] = {}
 def fault_point(*names: str) -> None:
     """Test hook: with ``$DREAMBOOTH_FAULT_AT="<point>:<n>[,<point>:<n>...]"`` this process kills itself with
     SIGKILL the n-th time it passes ``<point>`` (each name counts separately), so a crash test can cut a run off
-    at an exact moment. Without the variable (always, outside crash tests) it returns at once.
+    at an exact moment; ``<point>:<n>@<rank>`` only in that process of a data-parallel run (``$RANK``). Without the
+    variable (always, outside crash tests) it returns at once.
 
     Points: ``write`` and ``write<suffix>`` (``write.safetensors``, ``write.png``, ``write.json``, ...): every
     atomic file write, after the data is in the temporary file and before it is renamed into place; the trainer's
@@ -46,7 +47,7 @@ def fault_point(*names: str) -> None:
     wanted = {part.strip() for part in spec.split(",")}
     for name in names:
         count = _fault_counts[name] = _fault_counts.get(name, 0) + 1
-        if f"{name}:{count}" in wanted:
+        if wanted & {f"{name}:{count}", f"{name}:{count}@{os.environ.get('RANK', '0')}"}:
             os.write(2, f"fault injection: killing pid {os.getpid()} at {name}:{count}\n".encode())
             platform_compat.kill(os.getpid())
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -73,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="model name")
     p.add_argument("--resume", action="store_true", help="continue from the newest resume state")
     p.add_argument("--device", help="torch device, e.g. cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--processes", type=int, metavar="N",
+                   help="train data-parallel in N processes: one per GPU (the first N, or those of --gpus / the "
+                        "GPUs setting), or N on the CPU with --device cpu; the global batch is batch size x N")
+    p.add_argument("--gpus", metavar="LIST", help="the GPUs to train on, e.g. 0,1 (instead of the GPUs setting)")
     p.add_argument("--export-dir", help="where checkpoints are exported at each save")
     p.add_argument("--lora-dir", help="where LoRA files are exported at each save (default: <models root>/Lora)")
     p.add_argument("--embeddings-dir",
@@ -86,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "torch 2.3+) instead of fp32")
     p.add_argument("--profile", choices=tuple(PROFILES),
                    help="apply a memory profile to the model's db_config.json before training (see profiles.py)")
+    _add_root(p)
+
+    p = sub.add_parser("sample", help="make previews of a model's working weights now (in this process: the worker)",
+                       description="Previews for each concept with the saved db_config.json, as the trainer makes "
+                                   "them (scheduler, clip skip, attention, mixed precision), into the model's "
+                                   "samples/; reports through status.json. The tab's 'Generate samples now'.")
+    p.add_argument("name", help="model name")
+    p.add_argument("--device", help="torch device, e.g. cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--attention-default", choices=ATTENTION_MODES, default="sdp",
+                   help="what the config's attention 'auto' means (the WebUI passes its own choice)")
     _add_root(p)
 
     p = sub.add_parser("import-kohya", help="fill a model's concepts from a kohya dataset (TOML or folders)",
@@ -169,10 +184,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .store import models_root, open_model
-    from .train.loop import RunOptions, train_model
 
     md = open_model(args.name, args.models_root)
-    if getattr(args, "profile", None):
+    if getattr(args, "profile", None) and not _rank():
         from .config import load_config
         from .profiles import apply_profile
 
@@ -183,11 +197,45 @@ def cmd_train(args: argparse.Namespace) -> int:
     lora_dir = Path(args.lora_dir) if args.lora_dir else root / "Lora"
     embeddings_dir = Path(args.embeddings_dir) if args.embeddings_dir else root / "embeddings"
     hypernetworks_dir = Path(args.hypernetworks_dir) if args.hypernetworks_dir else root / "hypernetworks"
-    status = train_model(md, RunOptions(device=args.device, resume=args.resume, export_dir=export_dir,
+    device = args.device
+    if _rank() is None:  # not one of several processes already: how many this run takes
+        from .config import load_config
+        from .gpus import plan
+
+        run_plan = plan(load_config(md.path), args.device, args.processes, args.gpus)
+        if run_plan.processes > 1:
+            from .train.launch import run
+
+            dirs = {"--export-dir": export_dir, "--lora-dir": lora_dir, "--embeddings-dir": embeddings_dir,
+                    "--hypernetworks-dir": hypernetworks_dir}
+            worker = [*(["--debug"] if args.debug else []), "train", md.name, "--models-root", str(root),
+                      "--attention-default", args.attention_default, *[a for k, v in dirs.items() for a in (k, str(v))],
+                      *(["--resume"] if args.resume else []), *(["--cpu-fp16"] if args.cpu_fp16 else []),
+                      *(["--device", "cpu"] if run_plan.device == "cpu" else [])]
+            return run(md, run_plan, worker)  # the same command in each process (rank 0 writes)
+        device = run_plan.device
+    from .train.loop import RunOptions, train_model  # after the launch: the launcher needs no diffusers
+
+    status = train_model(md, RunOptions(device=device, resume=args.resume, export_dir=export_dir,
                                         lora_dir=lora_dir, embeddings_dir=embeddings_dir,
                                         hypernetworks_dir=hypernetworks_dir,
                                         attention_default=args.attention_default, cpu_fp16=args.cpu_fp16))
-    print(f"{status['state']}: {status.get('message', '')} (step {status.get('step')})")
+    if not _rank():  # rank 0 reports the run; the others say nothing
+        print(f"{status['state']}: {status.get('message', '')} (step {status.get('step')})")
+    return 0 if status["state"] in ("done", "cancelled") else 1
+
+
+def _rank() -> int | None:
+    """This process's rank when torch's launcher started it as one of several (``$WORLD_SIZE`` above 1), else None."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else None
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .sample_job import run_sample_job
+    from .store import open_model
+
+    status = run_sample_job(open_model(args.name, args.models_root), args.device, args.attention_default)
+    print(f"{status['state']}: {status['message']}")
     return 0 if status["state"] in ("done", "cancelled") else 1
 
 
@@ -227,13 +275,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {"create": cmd_create, "export": cmd_export, "info": cmd_info, "train": cmd_train, "cancel": cmd_control,
             "pause": cmd_control, "unpause": cmd_control, "status": cmd_control, "demo": cmd_demo, "ui": cmd_ui,
-            "import-kohya": cmd_import_kohya}
+            "import-kohya": cmd_import_kohya, "sample": cmd_sample}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(message)s")
+    rank = _rank()
+    quiet = bool(rank)  # a process other than rank 0 of a data-parallel run: rank 0 reports, it only warns
+    prefix = f"[process {rank + 1}] " if quiet else ""
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING if quiet else logging.INFO,
+                        format=f"{prefix}%(levelname)s %(message)s")
     if args.command is None:
         parser.print_help()
         return 2
@@ -242,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         if args.debug:
             traceback.print_exc()
+        if quiet:
+            return 2  # rank 0 has the run's message (this process's own included)
         print(f"error: {err.message}", file=sys.stderr)
         if err.hint:
             print(f"hint: {err.hint}", file=sys.stderr)

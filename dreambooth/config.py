@@ -11,20 +11,15 @@ migrated; keys nobody knows are kept (``TrainConfig.unknown``), written back on 
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
-import math
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .atomic import write_json
-from .config_migrations import CONCEPT_RENAMED_KEYS, RENAMED_KEYS, VALUE_MIGRATIONS
-from .errors import ConfigError, UserError
+from .errors import UserError
 from .families import FAMILIES, FAMILY_IDS
-
-log = logging.getLogger(__name__)
+from .gpus import text_problem as gpus_problem
 
 CONFIG_VERSION = 1
 CONFIG_FILE = "db_config.json"
@@ -56,6 +51,7 @@ HYPERNETWORK_ACTIVATIONS = ("linear", "relu", "leakyrelu", "elu", "swish", "tanh
                             "softplus", "selu", "celu", "relu6", "hardswish", "hardtanh", "hardsigmoid", "softsign",
                             "tanhshrink", "logsigmoid")
 WEIGHT_PRECISIONS = ("fp32", "bf16_master", "bf16_stochastic")
+LORA_TYPES = ("lora", "loha", "lokr", "dora")  # the LoRA method's adapter types (train/adapters.py)
 # the optimizers that read the betas / epsilon (train/optimizers.py; a test checks): Adafactor keeps no first moment
 # and its own epsilon pair, Lion has no epsilon. The others ignore these settings, so the tab hides them.
 BETAS_OPTIMIZERS = ("adamw", "adamw_8bit", "lion", "dadaptation", "prodigy")
@@ -68,13 +64,20 @@ PER_SAVE_EXPORT_METHODS = tuple(m for m in METHODS if m != "textual_inversion")
 def setting(default: Any, label: str, help: str, group: str, *, minimum: float | None = None,
             maximum: float | None = None, choices: Collection[str] | None = None, ui: bool = True,
             methods: tuple[str, ...] | None = None, optimizers: tuple[str, ...] | None = None,
-            predictions: tuple[str, ...] | None = None) -> Any:
+            predictions: tuple[str, ...] | None = None, kind: str | None = None,
+            check: Callable[[Any], str | None] | None = None, requires: tuple[str, tuple[str, ...]] | None = None
+            ) -> Any:
     """A dataclass field with the metadata the UI, CLI and API are generated from.
 
-    ``methods`` / ``optimizers`` / ``predictions`` (``PREDICTION_TYPES``): where it applies (None: all); else hidden.
+    ``methods`` / ``optimizers`` / ``predictions`` (``PREDICTION_TYPES``): the training methods / optimizers / model
+    prediction types the setting applies to (None: all); ``requires``: (another setting, the values of it it applies
+    to), e.g. LoKr's to lora_type lokr. The tab hides a setting where it does not apply. ``kind``: the tab's control
+    where the type does not say it (``"gpus"``: this machine's GPUs); ``check``: what is wrong with a value of the
+    right type, or None.
     """
     meta = {"label": label, "help": help, "group": group, "min": minimum, "max": maximum, "choices": choices,
-            "ui": ui, "methods": methods, "optimizers": optimizers, "predictions": predictions}
+            "ui": ui, "methods": methods, "optimizers": optimizers, "predictions": predictions, "kind": kind,
+            "check": check, "requires": requires}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -159,6 +162,10 @@ class TrainConfig:
                                      methods=("textual_inversion",))
     embedding_init_word: str = setting("*", "Initialization text", "Start from this word's embedding ('*' or empty: "
                                        "small random values).", "embedding", methods=("textual_inversion",))
+    lora_type: str = setting("lora", "LoRA type", "lora: low-rank (LoCon with a conv rank); loha: Hadamard product of "
+                             "two low-rank pairs; lokr: Kronecker product, tiny files; dora: LoRA with a trained "
+                             "magnitude per input channel. The WebUI, ComfyUI and LyCORIS load all four.", "lora",
+                             choices=LORA_TYPES, methods=("lora",))
     lora_rank: int = setting(16, "LoRA rank (network dim)", "Size of the LoRA; larger learns more, files get bigger.",
                              "lora", minimum=1, maximum=1024, methods=("lora",))
     lora_alpha: float = setting(8.0, "LoRA alpha",
@@ -166,10 +173,16 @@ class TrainConfig:
                                 minimum=0.0, maximum=1024.0, methods=("lora",))
     lora_dropout: float = setting(0.0, "LoRA dropout", "Dropout on the LoRA path while training.", "lora",
                                   minimum=0.0, maximum=1.0, methods=("lora",))
-    lora_conv_rank: int = setting(0, "LoCon rank", "Also adapt the 3x3 convolutions with this rank (0 is off).",
+    lora_conv_rank: int = setting(0, "Conv rank (LoCon)", "Also adapt the 3x3 convolutions with this rank (0 is off).",
                                   "lora", minimum=0, maximum=1024, methods=("lora",))
-    lora_conv_alpha: float = setting(1.0, "LoCon alpha", "Scale of the convolution LoRA: conv alpha / conv rank.",
+    lora_conv_alpha: float = setting(1.0, "Conv alpha", "Scale of the convolution adapters: conv alpha / conv rank.",
                                      "lora", minimum=0.0, maximum=1024.0, methods=("lora",))
+    lora_lokr_factor: int = setting(-1, "LoKr factor", "Size limit of the small Kronecker factor of each side (LyCORIS "
+                                    "'factor'); -1 splits as evenly as possible.", "lora", minimum=-1, maximum=1024,
+                                    methods=("lora",), requires=("lora_type", ("lokr",)))
+    lora_lokr_decompose_both: bool = setting(False, "LoKr: factorise both", "The small Kronecker factor low-rank too "
+                                             "(LyCORIS 'decompose_both').", "lora", methods=("lora",),
+                                             requires=("lora_type", ("lokr",)))
     lora_merge_export: bool = setting(False, "Also export a merged checkpoint",
                                       "At each save, also write a full checkpoint with the LoRA merged into the "
                                       "model's weights to the checkpoint folder (needs 'Export a checkpoint at each "
@@ -211,6 +224,10 @@ class TrainConfig:
     gradient_accumulation_steps: int = setting(1, "Gradient accumulation steps",
                                                "Steps whose gradients are summed before one optimizer update.",
                                                "batching", minimum=1, maximum=1024)
+    gpus: str = setting("", "GPUs", "The GPUs to train on. Two or more train data-parallel, one process per GPU, "
+                        "each with the batch size above: the global batch is batch size x GPUs x gradient accumulation"
+                        ", and the steps count that global batch. Empty: the default GPU.", "batching", kind="gpus",
+                        check=gpus_problem)
     oom_retry_smaller_batch: bool = setting(False, "On out of memory, retry with a smaller batch",
                                             "When a step runs out of memory with a batch above 1, halve the batch "
                                             "and double the gradient accumulation (same effective batch) and go on "
@@ -293,9 +310,6 @@ class TrainConfig:
                                         "once: no full gradient buffer (saves the size of the trained weights again). "
                                         "Needs gradient accumulation 1, max gradient norm 0 (no global clipping) and "
                                         "no fp16 mixed precision on a GPU.", "performance")
-    pin_memory: bool = setting(True, "Pinned-memory batches",
-                               "Build batches in pinned RAM and copy them to the GPU asynchronously: less waiting "
-                               "on copies, costs a little locked RAM. No effect on the CPU.", "performance")
     compile_unet: bool = setting(False, "Compile the UNet (torch.compile)",
                                  "Compile the UNet's forward: faster steps after a slow first step (minutes), more "
                                  "setup time; falls back to the plain UNet where compiling fails.", "performance")
@@ -401,12 +415,18 @@ class FieldSpec:
     methods: tuple[str, ...] | None = None  # the training methods it applies to; None: all
     optimizers: tuple[str, ...] | None = None  # the optimizers that read it; None: all
     predictions: tuple[str, ...] | None = None  # the model prediction types it works with; None: all
+    kind: str | None = None  # the tab's control where the type does not say it (see ``setting``)
+    check: Callable[[Any], str | None] | None = None  # what is wrong with a value of the right type
+    requires: tuple[str, tuple[str, ...]] | None = None  # (another setting, its values it applies to); None: any
 
-    def applies(self, method: str, optimizer: str | None = None, prediction: str | None = None) -> bool:
-        """Whether the setting has an effect with this training method, optimizer and model prediction type
-        (None: any optimizer / prediction type)."""
+    def applies(self, method: str, optimizer: str | None = None, values: Mapping[str, Any] | None = None,
+                prediction: str | None = None) -> bool:
+        """Whether the setting has an effect with this method, optimizer, other ``values`` and model prediction
+        type (None / absent: any)."""
         return ((self.methods is None or method in self.methods)
                 and (optimizer is None or self.optimizers is None or optimizer in self.optimizers)
+                and (self.requires is None or (values or {}).get(self.requires[0], self.requires[1][0])
+                     in self.requires[1])
                 and (prediction is None or self.predictions is None or prediction in self.predictions))
 
 
@@ -421,7 +441,7 @@ def field_specs(cls: type = TrainConfig) -> list[FieldSpec]:
         choices = tuple(m["choices"]) if m["choices"] is not None else None  # METHODS grows when one registers
         specs.append(FieldSpec(f.name, types[f.name], f.default, m["label"], m["help"], m["group"], m["min"],
                                m["max"], choices, m["ui"], m.get("methods"), m.get("optimizers"),
-                               m.get("predictions")))
+                               m.get("predictions"), m.get("kind"), m.get("check"), m.get("requires")))
     return specs
 
 
@@ -454,147 +474,17 @@ def _field_types(cls: type) -> dict[str, type]:
 # ----------------------------------------------------------------------------------------------------------------
 # validation and migration
 
-def coerce(name: str, spec: FieldSpec, value: Any) -> Any:
-    """Check one value against its spec; return it (ints accepted for floats) or raise ConfigError naming the field."""
-    expected = _describe(spec)
-    if spec.type is bool:
-        ok = isinstance(value, bool)
-    elif spec.type is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif spec.type is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if ok:
-            value = float(value)
-    elif spec.type is str:
-        ok = isinstance(value, str)
-    else:
-        ok = True
-    if not ok:
-        raise ConfigError(f"{name}: expected {expected}, got {value!r} ({type(value).__name__})",
-                          "fix the value in db_config.json or the form")
-    if spec.choices is not None and value not in spec.choices:
-        raise ConfigError(f"{name}: expected one of {', '.join(spec.choices)}, got {value!r}",
-                          "pick one of the listed values")
-    if spec.minimum is not None and value < spec.minimum or spec.maximum is not None and value > spec.maximum:
-        raise ConfigError(f"{name}: expected {expected}, got {value!r}", "use a value inside the range")
-    return value
 
+# reading a config (validating and migrating it) lives in config_load; its names stay importable from here
+from .config_load import (  # noqa: E402 - it imports the settings above
+    coerce,
+    concept_from_dict,
+    config_from_dict,
+    load_concepts_file,
+    load_config,
+    resolve_concepts,
+    save_progress,
+)
 
-def _describe(spec: FieldSpec) -> str:
-    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(spec.type, "a value")
-    if spec.minimum is not None and spec.maximum is not None:
-        return f"{kind} from {spec.minimum:g} to {spec.maximum:g}"
-    if spec.minimum is not None:
-        return f"{kind} >= {spec.minimum:g}"
-    return kind
-
-
-def _migrate_keys(data: dict[str, Any], renamed: dict[str, str], where: str, notes: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        new = renamed.get(key)
-        if new is not None and new != key:
-            if key in VALUE_MIGRATIONS:
-                value = VALUE_MIGRATIONS[key](value)
-            if new in data:
-                notes.append(f"{where}{key}: dropped in favour of {new}, which is also set")
-                continue
-            notes.append(f"{where}{key} migrated to {new}")
-            out[new] = value
-        else:
-            out[key] = value
-    return out
-
-
-def concept_from_dict(data: Any, where: str = "concept", notes: list[str] | None = None) -> Concept:
-    notes = notes if notes is not None else []
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected an object with concept settings, got {type(data).__name__}",
-                          "each concept is a JSON object like {\"instance_data_dir\": ..., \"instance_prompt\": ...}")
-    data = _migrate_keys(data, CONCEPT_RENAMED_KEYS, f"{where}.", notes)
-    specs = {s.name: s for s in field_specs(Concept)}
-    values = {}
-    for key, value in data.items():
-        if key not in specs:
-            raise ConfigError(f"{where}.{key}: unknown concept setting",
-                              f"known settings: {', '.join(sorted(specs))}")
-        values[key] = coerce(f"{where}.{key}", specs[key], value)
-    return Concept(**values)
-
-
-def config_from_dict(data: Any) -> tuple[TrainConfig, list[str]]:
-    """Validate and migrate a config dict. Returns the config and notes on what was migrated or kept unknown."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"config: expected a JSON object, got {type(data).__name__}",
-                          "db_config.json must hold one JSON object")
-    notes: list[str] = []
-    version = data.get("config_version", 0)
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise ConfigError(f"config_version: expected an integer, got {version!r}", "set it to 1")
-    if version > CONFIG_VERSION:
-        raise ConfigError(f"config_version {version} was written by a newer version of this extension "
-                          f"(this one reads up to {CONFIG_VERSION})", "update the extension")
-    data = _migrate_keys(dict(data), RENAMED_KEYS, "", notes)
-    data["config_version"] = CONFIG_VERSION
-    specs = {s.name: s for s in field_specs(TrainConfig)}
-    values: dict[str, Any] = {}
-    unknown: dict[str, Any] = {}
-    for key, value in data.items():
-        if key == "concepts":
-            if not isinstance(value, list):
-                raise ConfigError(f"concepts: expected a list of concepts, got {type(value).__name__}",
-                                  "write concepts as a JSON list")
-            values["concepts"] = [concept_from_dict(c, f"concepts[{i}]", notes) for i, c in enumerate(value)]
-        elif key in specs:
-            values[key] = coerce(key, specs[key], value)
-        else:
-            unknown[key] = value
-    if unknown:
-        notes.append(f"kept unknown settings (not used, written back on save): {', '.join(sorted(unknown))}")
-    cfg = TrainConfig(**values, unknown=unknown)
-    for note in notes:
-        log.warning("%s", note)
-    return cfg, notes
-
-
-def _read_json(path: Path, what: str, missing_hint: str, broken_hint: str) -> Any:
-    if not path.is_file():
-        raise ConfigError(f"{what}{path} does not exist", missing_hint)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{what}{path} is not valid JSON: {err}", broken_hint) from None
-
-
-def load_config(model_dir: str | Path) -> TrainConfig:
-    data = _read_json(Path(model_dir) / CONFIG_FILE, "", "create the model first, or pick another model dir",
-                      "fix the file or restore it from backups/")
-    return config_from_dict(data)[0]
-
-
-def save_progress(model_dir: str | Path, revision: int, epochs_trained: int) -> None:
-    """Record training progress in ``db_config.json`` without touching the user's settings."""
-    cfg = load_config(model_dir)
-    cfg.revision, cfg.epochs_trained = revision, epochs_trained
-    cfg.save(model_dir)
-
-
-def load_concepts_file(path: str | Path) -> list[Concept]:
-    """A concepts-list JSON file: a list of concept objects (the old extension's format is migrated)."""
-    path = Path(path)
-    data = _read_json(path, "concepts list file ", "fix the path or clear the field", "fix the file")
-    if not isinstance(data, list):
-        raise ConfigError(f"concepts list file {path}: expected a JSON list of concepts, got {type(data).__name__}",
-                          "wrap the concepts in [ ... ]")
-    try:
-        return [concept_from_dict(c, f"{path.name}[{i}]") for i, c in enumerate(data)]
-    except ConfigError as err:
-        raise ConfigError(err.message, f"fix the value in {path}") from None
-
-
-def resolve_concepts(cfg: TrainConfig) -> list[Concept]:
-    """The concepts a run trains: the concepts list file's when one is set, else the config's own."""
-    concepts = load_concepts_file(cfg.concepts_list_file) if cfg.concepts_list_file else cfg.concepts
-    if not concepts:
-        raise UserError("no concepts to train", "add a concept with an instance images folder and prompt")
-    return concepts
+__all__ = ["coerce", "concept_from_dict", "config_from_dict", "load_concepts_file", "load_config",
+           "resolve_concepts", "save_progress"]

@@ -1,5 +1,5 @@
 """Keys and values of older configs (ours before v1, or the old DreamBooth extension's) and what they are now;
-``config.config_from_dict`` applies them when it reads a config."""
+``config_load.config_from_dict`` applies them when it reads a config."""
 
 from __future__ import annotations
 
@@ -25,6 +25,11 @@ CONCEPT_RENAMED_KEYS = {
     "save_guidance_scale": "sample_guidance_scale",
     "save_infer_steps": "sample_steps",
     "num_repeats": "repeats",
+}
+# settings taken out -> why (an old config that has one still loads: the value is dropped with a note)
+REMOVED_KEYS = {
+    "pin_memory": "removed: it changed nothing measurable (a batch is cached latents already on the GPU; a pinned "
+                  "copy used at once overlaps nothing)",
 }
 VALUE_MIGRATIONS = {
     # old key -> function(old value) giving the new key's value

@@ -3,7 +3,8 @@
 The caller (the WebUI tab, the HTTP API, the standalone UI) returns at once, and an out-of-memory error or a crash
 ends the worker, never the caller. The worker is ``python -m dreambooth train NAME ...`` (the same one the CLI runs);
 it talks back through the model dir: ``status.json``, ``logs/`` and ``samples/``. Its stdout and stderr are appended
-to ``logs/worker.log``.
+to ``logs/worker.log``. "Generate samples now" is a job of the same kind (``job="sample"``: ``python -m dreambooth
+sample NAME``, :mod:`sample_job`), with the same lock, status and controls.
 
 Locking: :func:`start` takes the model's ``train.lock`` (see :mod:`lock`) before the worker exists and writes the
 worker's pid into it, so a second start is refused while that process lives, and the lock goes stale by itself when
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import lock, platform_compat
+from . import gpus, lock, platform_compat
 from .atomic import write_json
 from .config import ATTENTION_MODES, load_concepts_file, load_config
 from .errors import ConfigError, UserError
@@ -34,10 +35,12 @@ log = logging.getLogger(__name__)
 
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent  # the folder that contains this copy of the package
 WORKER_LOG = "worker.log"
-ACTIVE_STATES = ("starting", "generating_class_images", "running", "paused", "saving")
+ACTIVE_STATES = ("starting", "generating_class_images", "running", "paused", "saving", "sampling")
 FINAL_STATES = ("done", "failed", "cancelled")
 LOG_TAIL_LINES = 40
 LOG_TAIL_CHARS = 8000
+JOBS = ("train", "sample")  # the worker's commands
+WHAT = {"train": "training", "sample": "sampling"}
 CANCEL_KILL_AFTER_S = 60.0  # Windows: a worker still loading this long after a cancel is ended (it has no SIGTERM)
 
 _children: dict[int, subprocess.Popen] = {}  # workers started by this process, kept to reap them (no zombies)
@@ -55,9 +58,13 @@ class NotRunning(UserError):
 
 def worker_command(model: ModelDir, *, models_root: Path, resume: bool, device: str | None,
                    export_dir: Path | None, attention_default: str | None, lora_dir: Path | None = None,
-                   embeddings_dir: Path | None = None, hypernetworks_dir: Path | None = None) -> list[str]:
+                   embeddings_dir: Path | None = None, hypernetworks_dir: Path | None = None,
+                   job: str = "train") -> list[str]:
     """The worker's command line (tests replace this to start a stand-in)."""
-    cmd = [sys.executable, "-m", "dreambooth", "train", model.name, "--models-root", str(models_root)]
+    cmd = [sys.executable, "-m", "dreambooth", job, model.name, "--models-root", str(models_root)]
+    if job == "sample":
+        return cmd + (["--device", device] if device else []) + (
+            ["--attention-default", attention_default] if attention_default else [])
     if resume:
         cmd.append("--resume")
     if device:
@@ -87,11 +94,12 @@ def _check_config(model: ModelDir) -> None:
 def _check_device_free(model: ModelDir, device: str | None) -> None:
     """Refuse a start on a GPU another model trains on now (the worker takes the device lock itself; this only
     answers at once instead of through a failed run)."""
-    key = lock.device_key(device)
-    busy = lock.device_holder(model.path.parent, key)
-    if busy is not None and busy.get("model") != model.name:
-        raise AlreadyRunning(f"{key} is busy: model {busy.get('model')!r} is training on it (pid {busy['pid']})",
-                             "wait for that training to finish or cancel it, or pick another GPU")
+    chosen = [] if device else gpus.parse(load_config(model.path).gpus)  # the GPUs setting, without a device
+    for key in [lock.device_key(f"cuda:{n}") for n in chosen] if chosen else [lock.device_key(device)]:
+        busy = lock.device_holder(model.path.parent, key)
+        if busy is not None and busy.get("model") != model.name:
+            raise AlreadyRunning(f"{key} is busy: model {busy.get('model')!r} is training on it (pid {busy['pid']})",
+                                 "wait for that training to finish or cancel it, or pick another GPU")
 
 
 def _worker_env(token: str) -> dict[str, str]:
@@ -106,13 +114,15 @@ def _worker_env(token: str) -> dict[str, str]:
 
 def start(model: ModelDir, *, models_root: Path, resume: bool = False, device: str | None = None,
           export_dir: Path | None = None, attention_default: str | None = None, lora_dir: Path | None = None,
-          embeddings_dir: Path | None = None, hypernetworks_dir: Path | None = None) -> int:
-    """Start a worker that trains ``model``; return its pid at once.
+          embeddings_dir: Path | None = None, hypernetworks_dir: Path | None = None, job: str = "train") -> int:
+    """Start a worker that trains ``model`` (``job="sample"``: makes its previews now); return its pid at once.
 
     The config is validated first, so a bad one is refused before any process starts. Raises AlreadyRunning while
     another worker trains this model. ``status.json`` says ``starting`` when this returns.
     """
     _reap()
+    if job not in JOBS:
+        raise ValueError(f"unknown job {job!r}")
     if attention_default is not None and attention_default not in ATTENTION_MODES:  # the worker's --attention-default
         raise UserError(f"attention default {attention_default!r} is not one of {', '.join(ATTENTION_MODES)}",
                         "fix the host's attention setting")
@@ -121,7 +131,8 @@ def start(model: ModelDir, *, models_root: Path, resume: bool = False, device: s
     try:
         held = lock.acquire(model.path)
     except lock.Locked as err:
-        raise AlreadyRunning(f"{model.name!r} is already training (pid {err.holder['pid']})",
+        busy = WHAT.get((read_status(model) or {}).get("job"), "training")  # a training, or a sampling job
+        raise AlreadyRunning(f"{model.name!r} is already {busy} (pid {err.holder['pid']})",
                              "wait for it to finish, or cancel it first") from None
     other = _unlocked_trainer_pid(model)
     if other is not None and other != os.getpid():
@@ -132,12 +143,12 @@ def start(model: ModelDir, *, models_root: Path, resume: bool = False, device: s
         clear_requests_of(model)  # meant for an earlier run; the worker keeps whatever is asked from now on
         cmd = worker_command(model, models_root=Path(models_root), resume=resume, device=device,
                              export_dir=export_dir, attention_default=attention_default, lora_dir=lora_dir,
-                             embeddings_dir=embeddings_dir, hypernetworks_dir=hypernetworks_dir)
+                             embeddings_dir=embeddings_dir, hypernetworks_dir=hypernetworks_dir, job=job)
         model.logs.mkdir(parents=True, exist_ok=True)
         started = time.time()
-        write_json(model.status_path, {"state": "starting", "message": "starting the training process",
+        write_json(model.status_path, {"state": "starting", "message": f"starting the {WHAT[job]} process",
                                        "pid": None, "started_at": started, "samples": [], "resume": resume,
-                                       "launch_token": held.token})
+                                       "launch_token": held.token, "job": job})
         with open(model.logs / WORKER_LOG, "ab") as log_file:
             log_file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(cmd)}\n".encode())
             log_file.flush()
@@ -148,8 +159,8 @@ def start(model: ModelDir, *, models_root: Path, resume: bool = False, device: s
     except BaseException as err:
         held.release()
         if isinstance(err, OSError):
-            _write_failed(model, f"could not start the training process: {err}")
-            raise UserError(f"could not start the training process: {err}", "see the host's log") from err
+            _write_failed(model, f"could not start the {WHAT[job]} process: {err}")
+            raise UserError(f"could not start the {WHAT[job]} process: {err}", "see the host's log") from err
         raise
     with _children_lock:
         _children[proc.pid] = proc
@@ -158,7 +169,7 @@ def start(model: ModelDir, *, models_root: Path, resume: bool = False, device: s
     if current is not None and current.get("launch_token") == held.token and current.get("pid") is None:
         current["pid"] = proc.pid
         write_json(model.status_path, current)
-    log.info("started training of %s (pid %d)", model.name, proc.pid)
+    log.info("started %s of %s (pid %d)", WHAT[job], model.name, proc.pid)
     return proc.pid
 
 
@@ -318,8 +329,10 @@ def _signal(pid: int, sig: int) -> None:
 
 
 def pause(model: ModelDir) -> None:
-    """Ask the worker to pause at the next step boundary."""
+    """Ask the worker to pause at the next step boundary (a sampling job has none: refused)."""
     _require_running(model, "pause")
+    if (read_status(model) or {}).get("job") == "sample":
+        raise NotRunning(f"{model.name!r} is making previews, which cannot pause", "cancel it, or let it finish")
     request_pause(model)
 
 

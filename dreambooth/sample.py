@@ -11,8 +11,12 @@ trainer's UNet with gradient checkpointing continues as it was.
 Every image is written atomically as a PNG carrying the WebUI's infotext in its ``parameters`` text chunk (so the
 WebUI's *PNG Info* tab reads it) plus a ``dreambooth`` chunk with the request as JSON.
 
-Images are decoded with autocast off, in the VAE's own dtype: an fp32 VAE decodes in fp32 even when sampling runs
-under fp16 autocast (the SDXL VAE overflows in fp16: black or NaN images; the WebUI's ``--no-half-vae``).
+Images are decoded with autocast off, never in fp16: an fp32 VAE decodes in fp32 even when sampling runs under fp16
+autocast, and an fp16 VAE is upcast to fp32 for the decode (the SDXL VAE overflows in fp16: black or NaN images; the
+WebUI's ``--no-half-vae``). A bf16 VAE (bf16 weight precision) decodes in bf16: bf16 has fp32's exponent range, so
+it cannot overflow where fp16 does (ComfyUI decodes in bf16 by default for that reason), and upcasting it would add
+its fp32 weights and double the decoder's activation memory during previews, exactly in the runs that chose bf16
+weights to save memory. (Offloading moves the VAE between devices and never changes its dtype.)
 
 Seeds: ``seed = -1`` draws a random seed; every image returned by :func:`generate` carries the seed it was really
 made with in ``image.info["seed"]`` (an int), which :func:`save_sample` writes in place of -1.
@@ -219,12 +223,27 @@ def _autocast(modules: list[torch.nn.Module], device: torch.device, dtype: torch
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def _decoding_dtype(vae: torch.nn.Module) -> Iterator[torch.dtype]:
+    """The dtype the VAE decodes in (see the module docstring): an fp16 VAE is upcast to fp32 for the block and cast
+    back after (exact: every value came from fp16); fp32 and bf16 stay as they are."""
+    dtype = next(vae.parameters()).dtype
+    if dtype is not torch.float16:
+        yield dtype
+        return
+    vae.to(torch.float32)
+    try:
+        yield torch.float32
+    finally:
+        vae.to(dtype)
+
+
 def _decode(pipeline: Any, latents: torch.Tensor) -> list[Image.Image]:
-    """The pipeline's latents as images: autocast off, in the VAE's own dtype (see the module docstring)."""
+    """The pipeline's latents as images: autocast off, in fp32 or bf16 (see the module docstring)."""
     vae = pipeline.vae
     config = vae.config
     mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-    with torch.autocast(latents.device.type, enabled=False):
+    with torch.autocast(latents.device.type, enabled=False), _decoding_dtype(vae) as dtype:
         latents = latents.float()
         if mean is not None and std is not None:  # SDXL-style configs that normalise their latents
             shape = (1, len(mean), 1, 1)
@@ -232,7 +251,7 @@ def _decode(pipeline: Any, latents: torch.Tensor) -> list[Image.Image]:
                 + torch.tensor(mean, device=latents.device).view(shape)
         else:
             latents = latents / config.scaling_factor
-        pixels = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        pixels = vae.decode(latents.to(dtype), return_dict=False)[0]
     return pipeline.image_processor.postprocess(pixels.float(), output_type="pil")
 
 
@@ -491,7 +510,7 @@ def generate_class_images(pipeline: Any, concept: Concept, class_dir: Path, need
 @dataclass(frozen=True)
 class SampleSettings:
     """Every setting that changes how the extension samples, from the config (the attention is set on the models
-    when they are loaded: the trainer's setup, :func:`sample_now`)."""
+    when they are loaded: the trainer's setup, :func:`sample_job.sample_now`)."""
 
     scheduler: str = "dpmpp_2m"
     clip_skip: int = 1  # as training encodes the prompts
@@ -564,31 +583,3 @@ def fill_class_folders(concepts: list[Concept], folders: list[Path], sampler: Ca
             fault_point("class")  # test hook: a batch of class images written
 
         made.class_images(concept, folder, needed, size, seed, progress)
-
-
-def sample_now(model: Any, cfg: TrainConfig, device: str | None, attention_default: str = "sdp") -> list[Path]:
-    """Previews of ``model``'s working weights for each concept of ``cfg``, as the trainer makes them (same
-    settings, attention and precision), named ``now_step<steps>_<tag>_c<concept>_<n>.png``."""
-    from .config import resolve_concepts
-    from .train.models import load_models, set_attention
-    from .train.options import attention_for, autocast_dtype, pick_device
-
-    concepts = resolve_concepts(cfg)
-    models = load_models(model.working, cfg.family)
-    dev = pick_device(device)
-    set_attention(models, attention_for(cfg.attention, attention_default))
-    for module in (models.unet, models.vae, *models.text_encoders):
-        module.to(dev)
-    settings = SampleSettings.from_config(cfg, autocast_dtype(cfg.mixed_precision, dev))
-    tag = secrets.token_hex(3)
-    sampler: Sampler | None = None
-    try:
-        sampler = Sampler(models, dev, settings)
-        return sampler.previews(concepts, cfg.resolution or models.family.resolution, model.samples,
-                                lambda c, n: f"now_step{cfg.revision:06d}_{tag}_c{c}_{n}",
-                                {"step": str(cfg.revision), "epoch": str(cfg.epochs_trained), "model": model.name,
-                                 "kind": "manual"})
-    finally:
-        del sampler, models  # the weights go before the cache is emptied
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()

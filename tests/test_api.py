@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from dreambooth import api, jobs
+from dreambooth.config import load_config
 from dreambooth.sample import SampleRequest, save_sample
 from dreambooth.store import model_dir
 
@@ -49,9 +51,9 @@ class Host:
     def after_export(self, path: Path) -> None:
         self.exported.append(Path(path))
 
-    def training_started(self, model, *, is_running, read_status) -> None:
-        self.started.append(model.name)
-        assert is_running() in (True, False) and read_status()["state"] in ("starting", "running")
+    def training_started(self, model, *, is_running, read_status, job: str = "training") -> None:
+        self.started.append(model.name if job == "training" else f"{model.name} ({job})")
+        assert is_running() in (True, False) and read_status()["state"] in ("starting", "running", "sampling")
 
 
 def make_client(host: Host) -> TestClient:
@@ -425,3 +427,27 @@ def test_training_runs_in_a_worker_and_is_paused_resumed_and_cancelled(host, cli
     while client.get("/dreambooth/models/cat/status").json()["running"] and time.monotonic() < end:
         time.sleep(0.1)
     assert client.get("/dreambooth/models/cat/status").json()["running"] is False
+
+
+def test_generate_samples_now_starts_a_sampling_worker(host, client, monkeypatch):
+    """POST .../sample starts ``python -m dreambooth sample NAME`` through jobs.start (the model's lock, the status,
+    the host's hook that frees the WebUI's VRAM) and answers at once; a model with nothing to preview is refused."""
+    commands, real = [], jobs.worker_command
+
+    def stand_in(model, **kw):
+        commands.append(real(model, **kw))
+        return [sys.executable, "-c", "import time; time.sleep(3)"]
+
+    monkeypatch.setattr(jobs, "worker_command", stand_in)
+    md = make_training_model(host.models_root(), host.ckpt_dir / "tiny-sd1.safetensors", name="cat")
+    r = client.post("/dreambooth/models/cat/sample")
+    assert r.status_code == 202, r.text
+    assert r.json()["status"]["job"] == "sample" and host.started == ["cat (sampling)"]
+    assert commands[0][2:6] == ["dreambooth", "sample", "cat", "--models-root"]
+    assert commands[0][-4:] == ["--device", "cpu", "--attention-default", "default"]
+    assert "already sampling" in error(client.post("/dreambooth/models/cat/train", json={}), 409)
+    jobs.wait(md, 30)
+    cfg = load_config(md.path)
+    cfg.concepts[0].n_samples = 0
+    cfg.save(md.path)
+    assert "no previews" in error(client.post("/dreambooth/models/cat/sample"), 400)

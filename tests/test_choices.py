@@ -80,13 +80,15 @@ def test_one_step_count():
 
 def test_settings_are_built_from_the_config_by_name():
     cfg = TrainConfig(lora_rank=7, lora_alpha=3.0, lora_dropout=0.25, lora_conv_rank=2, lora_conv_alpha=0.5,
-                      train_unet=False, embedding_token="zwx-style", embedding_vectors=3, embedding_init_word="dog",
+                      lora_type="lokr", lora_lokr_factor=4, lora_lokr_decompose_both=True, train_unet=False,
+                      embedding_token="zwx-style", embedding_vectors=3, embedding_init_word="dog",
                       seed=99, hypernetwork_layer_structure="1, 3, 1", hypernetwork_activation="relu",
                       hypernetwork_layer_norm=True, hypernetwork_dropout=0.1, optimizer="lion", weight_decay=0.2,
                       adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6, offset_noise=0.05, min_snr_gamma=5.0,
                       prior_loss_weight=0.5, clip_skip=2)
     assert dataclasses.asdict(LoraSettings.from_config(cfg, train_text_encoder=True)) == dict(
-        rank=7, alpha=3.0, dropout=0.25, conv_rank=2, conv_alpha=0.5, train_unet=False, train_text_encoder=True)
+        rank=7, alpha=3.0, dropout=0.25, conv_rank=2, conv_alpha=0.5, train_unet=False, train_text_encoder=True,
+        type="lokr", lokr_factor=4, lokr_decompose_both=True)
     assert dataclasses.asdict(EmbeddingSettings.from_config(cfg)) == dict(token="zwx-style", vectors=3,
                                                                            init_word="dog", seed=99)
     hyper = HypernetworkSettings.from_config(cfg)

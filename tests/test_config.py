@@ -92,6 +92,19 @@ def test_old_keys_are_migrated_and_reported():
     assert any("num_train_epochs migrated to epochs" in n for n in notes)
 
 
+def test_pin_memory_is_gone_and_an_old_config_with_it_still_loads_with_a_note(tmp_path):
+    """pin_memory changed nothing measurable (issue 12 item 21): no setting, no form field; a config that has it
+    loads, says why it is ignored, and is saved without it."""
+    from dreambooth.config import field_specs
+
+    assert "pin_memory" not in {spec.name for spec in field_specs(TrainConfig)}
+    cfg, notes = config_from_dict({"epochs": 3, "pin_memory": True})
+    assert cfg.epochs == 3 and cfg.unknown == {}
+    assert [n for n in notes if n.startswith("pin_memory: removed")] and all("unknown" not in n for n in notes)
+    cfg.save(tmp_path)
+    assert "pin_memory" not in json.loads((tmp_path / "db_config.json").read_text())
+
+
 def test_unknown_keys_are_kept_and_reported(tmp_path):
     cfg, notes = config_from_dict({"epochs": 3, "some_future_knob": [1, 2]})
     assert cfg.unknown == {"some_future_knob": [1, 2]}

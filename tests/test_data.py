@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 
 from dreambooth.config import Concept
 from dreambooth.data.buckets import choose_bucket, fit_to_bucket, make_buckets
-from dreambooth.data.captions import build_prompt, caption_from_name, read_caption, shuffle_tags
+from dreambooth.data.captions import build_prompt, caption_from_name, read_caption, real_caption, shuffle_tags
 from dreambooth.data.dataset import Example, TrainingData
 from dreambooth.data.images import (
     IMAGE_EXTENSIONS,
@@ -440,6 +440,38 @@ def test_prompt_for_shuffles_and_class_prompts_get_no_instance_token(tmp_path):
     assert len(shuffled) > 1 and all(p.startswith("ohwx dog, ") for p in shuffled)
     class_ex = data.classes[0][0]
     assert data.prompt_for(class_ex, shuffle=False, keep_tokens=0, rng=random.Random(0)) == "a photo of a dog"
+
+
+@pytest.mark.parametrize(("stem", "is_caption"), [
+    ("img0", False), ("IMG_1234", False), ("DSC00012", False), ("PXL_20230101_123456789", False),
+    ("class_3_81234", False), ("d41d8cd98f00b204e9800998ecf8427e", False),
+    ("3f2504e0-4f89-11d3-9a0c-0305e82c3301", False),
+    ("a_red_dog", True), ("1girl_smiling", True), ("dog on the beach", True), ("zwx", True)])
+def test_real_caption_drops_file_names_that_only_name_the_image(tmp_path, stem, is_caption):
+    path = tmp_path / f"{stem}.png"
+    caption = caption_from_name(stem)
+    assert real_caption(path, caption) == (caption if is_caption else "")
+    path.with_suffix(".txt").write_text(caption, encoding="utf-8")
+    assert real_caption(path, caption) == caption  # a caption file is a caption whatever it says
+
+
+def test_tag_prompts_count_the_prompts_trained_never_file_names_that_are_no_captions(tmp_path):
+    plain = image_dir(tmp_path / "plain", ["img0.png", "img1.png", "IMG_2041.jpg"])
+    named = image_dir(tmp_path / "named", ["001-a_red_dog.png", "DSC00012.png"])
+    captioned = image_dir(tmp_path / "captioned", ["img7.png"])
+    (captioned / "img7.txt").write_text("Dog, red collar", encoding="utf-8")
+    classes = image_dir(tmp_path / "classes", ["class_0_81234.png", "class_1_81235.png"])
+    data = TrainingData([
+        concept(plain, instance_prompt="a photo of zwx dog"),  # no [filewords]: the file names are never trained
+        concept(named, instance_prompt="[filewords]", instance_token="zwx", class_token="dog",
+                num_class_images_per=1, class_data_dir=str(classes), class_prompt="a photo of a dog, [filewords]"),
+        concept(captioned, instance_prompt="photo, [filewords]")], 64, enable_buckets=False, seed=0,
+        class_dirs=[None, classes, None])
+    assert {folder: sorted(p) for folder, p in data.tag_prompts().items()} == {
+        "plain": ["a photo of zwx dog"] * 3,
+        "named": ["", "a red zwx dog"],  # DSC00012 is no caption, and its prompt is nothing but [filewords]
+        "classes": ["a photo of a dog"] * 2,
+        "captioned": ["photo, Dog, red collar"]}
 
 
 def test_corrupt_image_among_good_ones_is_skipped_and_named(tmp_path, caplog):

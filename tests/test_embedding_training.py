@@ -8,7 +8,7 @@ from conftest import cancelled_at, make_training_model, working_files
 from safetensors.torch import load_file
 
 from dreambooth.errors import UserError
-from dreambooth.train import batches as batches_module
+from dreambooth.train import batch as batch_module
 from dreambooth.train.loop import RunOptions, Trainer
 
 CONCEPT = {"instance_prompt": "a photo of zwx-style disc", "sample_prompt": "zwx-style"}
@@ -23,8 +23,8 @@ def _run(md, tmp_path, **opts):
 
 def test_only_the_embedding_trains_and_the_webui_file_appears(tmp_path, tiny_checkpoint, monkeypatch):
     prompts = []
-    real = batches_module.tokenize_prompts
-    monkeypatch.setattr(batches_module, "tokenize_prompts", lambda tok, batch, mode: prompts.extend(batch) or
+    real = batch_module.tokenize_prompts
+    monkeypatch.setattr(batch_module, "tokenize_prompts", lambda tok, batch, mode: prompts.extend(batch) or
                         real(tok, batch, mode))
     md = make_training_model(tmp_path, tiny_checkpoint("sd1"), method="textual_inversion",
                              embedding_token="zwx-style", embedding_vectors=2, embedding_init_word="disc",

@@ -344,3 +344,40 @@ def test_tab_and_api_routes_register_with_the_webui(webui, tmp_path):
     response = client.get("/dreambooth/models", auth=("user", "secret"))
     assert response.status_code == 200
     shared.cmd_opts.api_auth = None
+
+
+def test_generate_samples_now_runs_in_a_worker_with_the_lock_and_the_configs_precision(webui, tmp_path,
+                                                                                       tiny_checkpoint, capsys):
+    """The tab's "Generate samples now" in the WebUI: a worker process makes the previews (never the WebUI's own
+    process), holding the model's lock, with the config's mixed precision; the WebUI's model leaves VRAM for it and
+    comes back after, and the console says so."""
+    import os
+
+    from conftest import make_training_model
+
+    from dreambooth import jobs, lock
+    from dreambooth.ui.handlers import TabHandlers
+
+    adapter, shared, sd_models = webui
+    sd_models.model_data.sd_model = sd_models.FakeModel(next(iter(sd_models.checkpoints_list.values())))
+    host = adapter.WebUIHost()
+    md = make_training_model(host.models_root(), tiny_checkpoint("sd1"), mixed_precision="bf16",
+                             concept=dict(sample_steps=2))
+    handlers = TabHandlers(host)
+    message = handlers.sample("m", *handlers.load("m")[3:])
+    assert "in a worker" in message
+    holder = lock.holder(md.path)  # handed to the worker by jobs.start: no training of the model meanwhile
+    assert holder is not None and holder["pid"] != os.getpid()
+    with pytest.raises(lock.Locked):
+        lock.acquire(md.path, token="a training")
+    assert sd_models.calls == ["unload_model_weights"] and sd_models.model_data.sd_model.device == "cpu"
+    status = jobs.wait(md, 300)
+    assert status["state"] == "done" and status["job"] == "sample", status
+    assert status["pid"] == holder["pid"] and status["precision"] == "bf16"
+    (sample,) = [Path(p) for p in status["samples"]]
+    assert sample.parent == md.samples and sample.name.startswith("now_step000000_")
+    _wait_until(lambda: not host._watchers)
+    assert sd_models.calls == ["unload_model_weights", "send_model_to_device", "list_models"]
+    assert sd_models.model_data.sd_model.device == "cuda"
+    out = capsys.readouterr().out
+    assert "Dreambooth m: sampling started" in out and "Dreambooth m: done - made 1 preview(s)" in out

@@ -89,3 +89,18 @@ def test_lora_previews_use_the_lora(tmp_path, tiny_checkpoint, monkeypatch):
                              preview_every_n_epochs=1)
     _run(md, tmp_path)
     assert seen == [True]
+
+
+def test_the_lora_tag_frequency_counts_the_trained_prompt_not_image_file_names(tmp_path, tiny_checkpoint):
+    import json
+
+    md = make_training_model(tmp_path, tiny_checkpoint("sd1"), method="lora", epochs=1, images=2)
+    folder = tmp_path / "concept-m"
+    for i, image in enumerate(list_images(folder)):  # a camera's names and no captions
+        image.with_suffix(".txt").unlink()
+        image.rename(folder / f"img{i}.png")
+    _run(md, tmp_path)
+    with safe_open(str(md.path / "lora" / "m.safetensors"), "pt") as fh:
+        tags = json.loads(fh.metadata()["ss_tag_frequency"])
+    assert tags == {"concept-m": {PROMPT: 2}}  # kohya's nesting: folder -> tag -> count
+

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from dreambooth.config import METHODS, TrainConfig, coerce, field_specs
 from dreambooth.errors import UserError
 from dreambooth.profiles import PARAMS, estimate_memory
-from dreambooth.train import batches as batches_module
+from dreambooth.train import batch as batch_module
 from dreambooth.train import loop as loop_module
 from dreambooth.train.hypernetwork import Hypernetwork, HypernetworkSettings
 from dreambooth.train.loop import RunOptions, Trainer
@@ -77,8 +77,8 @@ def _run(md, resume: bool = False) -> Trainer:
 
 def test_a_method_in_one_file_with_one_registration_line_trains_end_to_end(tmp_path, sd1, bias_only, monkeypatch):
     prompts = []
-    real = batches_module.tokenize_prompts
-    monkeypatch.setattr(batches_module, "tokenize_prompts", lambda tok, batch, mode: prompts.extend(batch) or
+    real = batch_module.tokenize_prompts
+    monkeypatch.setattr(batch_module, "tokenize_prompts", lambda tok, batch, mode: prompts.extend(batch) or
                         real(tok, batch, mode))
     md = make_training_model(tmp_path, sd1, method="bias_only", epochs=2, save_every_n_epochs=1,
                              preview_every_n_epochs=2, learning_rate=1e-2)

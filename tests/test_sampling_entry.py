@@ -14,7 +14,8 @@ from PIL import Image
 from dreambooth import sample as sample_module
 from dreambooth.config import Concept, load_config
 from dreambooth.create import create_model
-from dreambooth.sample import Sampler, SampleSettings, sample_now
+from dreambooth.sample import Sampler, SampleSettings
+from dreambooth.sample_job import sample_now
 from dreambooth.train import models as models_module
 from dreambooth.train.loop import RunOptions, Trainer
 from dreambooth.train.models import load_models
@@ -64,6 +65,27 @@ def test_the_vae_decodes_in_fp32_while_sampling_runs_under_mixed_precision(tiny_
     assert np.asarray(Image.open(path).convert("RGB")).std() > 0  # a real image, not a black one
 
 
+@pytest.mark.parametrize(("held", "decoded"), [(torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_a_half_vae_never_decodes_in_fp16_and_is_given_back_as_it_was(tiny_models, tmp_path, held, decoded):
+    """fp16 (which overflows for SDXL) is upcast to fp32 for the decode; bf16 (fp32's range) decodes as it is held;
+    either way the VAE's weights come back bit for bit in their dtype."""
+    models = tiny_models("sdxl")
+    seen = []
+    hook = models.vae.decoder.conv_out.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    models.vae.to(held)
+    before = {k: v.clone() for k, v in models.vae.state_dict().items()}
+    try:
+        sampler = Sampler(models, torch.device("cpu"), SampleSettings("euler", autocast=torch.bfloat16))
+        (path,) = sampler.previews([concept()], SIZE, tmp_path, lambda c, n: f"p{c}_{n}", {})
+        after = models.vae.state_dict()
+        assert all(after[k].dtype == held and torch.equal(after[k], v) for k, v in before.items())
+    finally:
+        hook.remove()
+        models.vae.to(torch.float32)
+    assert seen == [decoded]
+    assert np.asarray(Image.open(path).convert("RGB")).std() > 0
+
+
 def test_clip_skip_reaches_the_image(tiny_models, tmp_path):
     models = tiny_models("sd1")
     images = {}
@@ -75,6 +97,32 @@ def test_clip_skip_reaches_the_image(tiny_models, tmp_path):
     assert json.loads(images[2].info["dreambooth"])["request"]["clip_skip"] == 2
     assert "Clip skip: 2" in images[2].info["parameters"]
     assert not np.array_equal(np.asarray(images[1]), np.asarray(images[2]))
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_previews_condition_the_unet_as_training_does_with_clip_skip(tiny_models, tmp_path, family):
+    """The UNet sees the same text conditioning in a preview as in a training step of the same prompt."""
+    from dreambooth.data.prompts import tokenize_prompts
+    from dreambooth.train.conditioning import encode_tokens
+
+    models = tiny_models(family)
+    seen = []
+    hook = models.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("encoder_hidden_states", args[2] if len(args) > 2
+                                                            else None)), with_kwargs=True)
+    try:
+        sampler = Sampler(models, torch.device("cpu"), SampleSettings("euler", clip_skip=2))
+        sampler.previews([concept(sample_steps=1)], SIZE, tmp_path, lambda c, n: "p", {})
+    finally:
+        hook.remove()
+    prompt = concept().instance_prompt
+    ids = [tokenize_prompts(tokenizer, [prompt], "truncate")[0] for tokenizer in models.tokenizers]
+    with torch.no_grad():
+        trained, _ = encode_tokens(models, ids, clip_skip=2)
+        last, _ = encode_tokens(models, ids, clip_skip=1)
+    conditional = seen[0][-1:]  # classifier-free guidance: [unconditional, conditional]
+    torch.testing.assert_close(conditional, trained)
+    assert not torch.allclose(conditional, last)  # clip skip 2 is not the last layer
 
 
 def test_clip_skip_encodes_as_training_does(tiny_models):
@@ -126,12 +174,14 @@ def test_generate_now_samples_with_the_configs_attention_and_precision(tmp_path,
     monkeypatch.setattr(models_module, "set_attention", lambda m, mode: attention.append(mode) or
                         real_attention(m, mode))
     monkeypatch.setattr(sample_module, "generate_images", lambda p, req, seeds, device=None, autocast=None:
-                        calls.append((req.clip_skip, autocast)) or real_generate(p, req, seeds, device, autocast))
+                        calls.append((req.clip_skip, autocast, {m.dtype for m in (p.unet, p.vae, p.text_encoder)}))
+                        or real_generate(p, req, seeds, device, autocast))
     md = make_training_model(tmp_path, tiny_checkpoint("sd1"), clip_skip=2, mixed_precision="bf16",
                              attention="default")
     written = sample_now(md, load_config(md.path), "cpu", attention_default="sdp")
     assert [p.name.startswith("now_step000000_") for p in written] == [True]
-    assert attention == ["default"] and calls == [(2, torch.bfloat16)]
+    # bf16 mixed precision: the weights are held in bf16 too (sampling needs no fp32 masters: half the memory)
+    assert attention == ["default"] and calls == [(2, torch.bfloat16, {torch.bfloat16})]
     cfg = load_config(md.path)
     cfg.attention = "auto"
     sample_now(md, cfg, "cpu", attention_default="sdp")

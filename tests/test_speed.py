@@ -18,7 +18,6 @@ from dreambooth.train import step as step_module
 from dreambooth.train.fused import ParamwiseOptimizer
 from dreambooth.train.loop import RunOptions, Trainer
 from dreambooth.train.precision import WeightPrecision, round_generator, stochastic_round
-from dreambooth.train.speed import to_device, use_pinned_memory
 
 # every switch compared with its default; the reference run turns the cache off to compare with the plain path
 PLAIN = dict(cache_text_embeddings=False, epochs=2, images=2)
@@ -79,6 +78,46 @@ def test_shuffled_tags_get_one_entry_per_distinct_prompt(tmp_path, sd1):
     # 6 steps, 4! orders of the shuffled tags: several distinct prompts, each encoded exactly once
     assert 1 < len(trainer.text_cache) <= trainer.total_steps
     assert trainer.text_cache.encodes == len(trainer.text_cache)
+
+
+def test_the_text_cache_stays_in_bounded_ram_with_shuffled_tags_and_hits_skip_the_encoder(tmp_path, sd1):
+    """Shuffled tags make a new prompt nearly every step: the cache keeps nothing on the training device (``meta``
+    stands in for a GPU here: a tensor kept there would show) and at most ``max_bytes`` in RAM, least recently used
+    dropped first; a prompt it holds is never encoded again."""
+    import random
+
+    from dreambooth.data.captions import shuffle_tags
+    from dreambooth.data.prompts import tokenize_prompts
+    from dreambooth.train.models import load_models
+
+    md = make_training_model(tmp_path, sd1)
+    models = load_models(md.working, "sd1")
+
+    def ids(prompt: str) -> list[torch.Tensor]:
+        return [tokenize_prompts(t, [prompt], "truncate")[0] for t in models.tokenizers]
+
+    row = 77 * models.text_encoders[0].config.hidden_size * 4  # one fp32 prompt
+    cache = caches_module.TextEmbeddingCache(models, 1, None, torch.device("meta"))
+    cache.max_bytes = 3 * row  # the limit, made small (the default holds thousands of prompts)
+    rng = random.Random(0)
+    prompts = {shuffle_tags("zwx disc, red, round, shiny, small, flat, old", 1, rng) for _ in range(40)}
+    assert len(prompts) > 10
+    for prompt in sorted(prompts):
+        hidden, _ = cache.get(ids(prompt))
+        assert hidden.device.type == "meta" and hidden.shape[0] == 1  # what the step gets: on its device
+    assert len(cache) == 3 and cache.nbytes == 3 * row and cache.dropped == len(prompts) - 3
+    assert all(t.device.type == "cpu" for entry in cache.entries.values() for t in entry if t is not None)
+    newest = sorted(prompts)[-1]
+    encodes = cache.encodes
+    cache.get(ids(newest))
+    assert cache.encodes == encodes  # a hit: the text encoder is not run
+    cache.get(ids(sorted(prompts)[0]))  # dropped long ago: encoded again
+    assert cache.encodes == encodes + 1 and len(cache) == 3
+    # what a hit returns is what encoding gives
+    fresh = caches_module.TextEmbeddingCache(models, 1, None, torch.device("cpu"))
+    first, _ = fresh.get(ids(newest))
+    again, _ = fresh.get(ids(newest))
+    assert fresh.encodes == 1 and torch.equal(first, again)
 
 
 def test_the_text_encoder_is_not_cached_while_it_trains(tmp_path, sd1):
@@ -379,36 +418,7 @@ def test_paramwise_optimizer_whole_step_equals_the_step_of_each_parameter_with_b
         assert torch.equal(whole.precision.masters[a], one_by_one.precision.masters[b])
 
 
-# ------------------------------------------------------------------------------------------- pinned memory, compile
-
-
-def test_pinned_memory_only_on_cuda(monkeypatch):
-    assert not use_pinned_memory(True, torch.device("cpu"))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert use_pinned_memory(True, torch.device("cuda"))
-    assert not use_pinned_memory(False, torch.device("cuda"))
-    tensor = mock.Mock()
-    tensor.device.type = "cpu"
-    to_device(tensor, torch.device("cuda"), pinned=True)
-    tensor.pin_memory.assert_called_once_with()
-    tensor.pin_memory.return_value.to.assert_called_once_with(torch.device("cuda"), non_blocking=True)
-    plain = torch.ones(2)
-    assert to_device(plain, torch.device("cpu"), pinned=False) is plain
-
-
-def test_pinned_memory_setting_reaches_the_copy_path(tmp_path, sd1, monkeypatch):
-    seen = []
-    real = caches_module.to_device
-
-    def spy(tensor, device, pinned):
-        seen.append(pinned)
-        return real(tensor, device, False)  # no CUDA here to pin for
-
-    monkeypatch.setattr(caches_module, "to_device", spy)
-    monkeypatch.setattr(loop_module, "use_pinned_memory", lambda enabled, device: enabled)
-    train(tmp_path, sd1, "pin", pin_memory=True, epochs=1)
-    train(tmp_path, sd1, "nopin", pin_memory=False, epochs=1)
-    assert seen == [True] * 2 + [False] * 2  # one pixel copy per image (latents cached after)
+# ------------------------------------------------------------------------------------------------------- compile
 
 
 def test_compile_unet_wraps_the_training_forward(tmp_path, sd1, monkeypatch):

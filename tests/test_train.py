@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from dreambooth.config import load_config
 from dreambooth.errors import UserError
-from dreambooth.train import batches as batches_module
+from dreambooth.train import batch as batch_module
 from dreambooth.train import loop as loop_module
 from dreambooth.train.loop import RunOptions, Trainer, autocast_dtype
 from dreambooth.train.optimizers import adamw_8bit_problem
@@ -473,13 +473,13 @@ def test_optimizer_settings_reach_the_optimizer(tmp_path, sd1):
 
 def test_shuffle_tags_and_keep_tokens_reach_the_prompts(tmp_path, sd1, monkeypatch):
     prompts = []
-    real = batches_module.tokenize_prompts
+    real = batch_module.tokenize_prompts
 
     def spy(tokenizer, batch, mode):
         prompts.extend(batch)
         return real(tokenizer, batch, mode)
 
-    monkeypatch.setattr(batches_module, "tokenize_prompts", spy)
+    monkeypatch.setattr(batch_module, "tokenize_prompts", spy)
     concept = {"instance_prompt": "zwx, red, round, shiny, small, bright"}
     run(make_training_model(tmp_path, sd1, epochs=3, shuffle_tags=True, keep_tokens=1, concept=concept))
     assert len(set(prompts)) > 1 and all(p.startswith("zwx, ") for p in prompts)

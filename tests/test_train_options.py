@@ -21,7 +21,7 @@ from dreambooth.data.masks import LossMasks
 from dreambooth.data.prompts import tokenize_prompts
 from dreambooth.demo import make_concept_images
 from dreambooth.errors import UserError
-from dreambooth.train import batches as batches_module
+from dreambooth.train import batch as batch_module
 from dreambooth.train.loop import RunOptions, Trainer
 from dreambooth.train.models import load_models
 from dreambooth.train.noise import pyramid_noise, use_zero_terminal_snr
@@ -81,8 +81,8 @@ def step_with_zero_unet(models, settings_list, n=1, mask=None, seed=0):
 
 def spy_prompts(monkeypatch) -> list[str]:
     prompts: list[str] = []
-    real = batches_module.tokenize_prompts
-    monkeypatch.setattr(batches_module, "tokenize_prompts",
+    real = batch_module.tokenize_prompts
+    monkeypatch.setattr(batch_module, "tokenize_prompts",
                         lambda tok, batch, mode: prompts.extend(batch) or real(tok, batch, mode))
     return prompts
 
@@ -275,6 +275,6 @@ def test_the_tab_shows_zero_terminal_snr_for_v_prediction_models_only():
 
     controls = config_controls()
     index = next(i for i, c in enumerate(controls) if c.spec.name == "zero_terminal_snr")
-    assert shown_for_method("dreambooth", controls, None, "v_prediction")[index]
-    assert not shown_for_method("dreambooth", controls, None, "epsilon")[index]
+    assert shown_for_method("dreambooth", controls, None, prediction="v_prediction")[index]
+    assert not shown_for_method("dreambooth", controls, None, prediction="epsilon")[index]
     assert shown_for_method("dreambooth", controls)[index]  # no model chosen: shown

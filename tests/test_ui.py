@@ -77,6 +77,8 @@ def _other(spec, seed: int):
     if spec.choices is not None:
         others = [c for c in spec.choices if c != spec.default]
         return others[seed % len(others)]
+    if spec.kind == "gpus":  # GPU numbers (none of them on this machine: the tab keeps them, marked not found)
+        return f"{seed % 3 + 1},{seed % 3}"
     if spec.type is str:
         return f"{spec.name} value {seed} with ünïcödé"
     lo = spec.minimum if spec.minimum is not None else spec.default - 1000
@@ -138,6 +140,10 @@ def test_one_control_per_setting_generated_from_its_spec(built):
     for elem_id, spec in expected.items():
         component = settings[elem_id]
         assert component.label == spec.label
+        if spec.kind == "gpus":  # this machine's GPUs to tick (none here: the help says so)
+            assert isinstance(component, gr.CheckboxGroup) and component.info.startswith(spec.help)
+            assert component.choices == [] and component.value == []
+            continue
         assert component.info == spec.help
         if spec.choices is not None:
             assert isinstance(component, gr.Dropdown)
@@ -513,8 +519,14 @@ def test_generate_samples_now_writes_previews_with_the_form_settings(model, tmp_
         values[index[(0, name)]] = value
     values[index[(None, "resolution")]] = 64
     message = handlers.sample("m", *values)
-    assert "made 2 preview(s)" in message
+    assert "in a worker" in message
+    from dreambooth import jobs
+
+    status = jobs.wait(md, 300)
+    assert status["state"] == "done" and status["job"] == "sample", status
+    assert "made 2 preview(s)" in status["message"]
     written = sorted(md.samples.glob("now_*.png"))
+    assert sorted(status["samples"]) == [str(p) for p in written]
     assert len(written) == 2
     from dreambooth.ui.output import sample_caption
 
@@ -572,12 +584,15 @@ def test_settings_of_other_methods_are_hidden():
 def test_changing_the_optimizer_hides_the_settings_it_ignores(built):
     demo, _, components = built
     wired = [f for f in compat.event_functions(demo) if getattr(f, "__name__", "") == "show_for"]
-    assert len(wired) == 3  # run when the method, the optimizer or the model (its prediction type) changes
+    assert len(wired) == 4  # run when the method, the optimizer, the model (prediction type) or the LoRA type change
 
-    def hidden(method: str, optimizer: str) -> int:
-        return sum(1 for update in wired[0](method, optimizer) if update.get("visible") is False)
+    def hidden(method: str, optimizer: str, lora_type: str = "lora") -> int:
+        return sum(1 for update in wired[0](method, optimizer, None, lora_type) if update.get("visible") is False)
 
     assert hidden("dreambooth", "adafactor") == hidden("dreambooth", "adamw") + 3  # both betas and the epsilon
     assert hidden("dreambooth", "lion") == hidden("dreambooth", "adamw") + 1  # the epsilon
     assert hidden("lora", "adafactor") == hidden("lora", "adamw") + 3
     assert components["dbt_adam_epsilon"].visible  # the default optimizer (AdamW) reads it
+    # the LoKr factor and 'factorise both' show for LoRA type lokr only
+    assert hidden("lora", "adamw", "lokr") == hidden("lora", "adamw", "loha") - 2 == hidden("lora", "adamw") - 2
+    assert not components["dbt_lora_lokr_factor"].visible  # the default type is plain LoRA

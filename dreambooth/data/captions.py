@@ -29,6 +29,10 @@ MAX_CAPTION_BYTES = 64 * 1024  # a caption is a line or two; far more is the wro
 _LEADING_NUMBER = re.compile(r"^\s*(?:\(\d+\)|\d+(?=[-_.\s])[-_.\s]*)\s*")
 _TRAILING_COPY = re.compile(r"\s*\(\d+\)\s*$")
 _SPACES = re.compile(r"\s+")
+# file names that are not captions: one word glued to or followed by numbers (a camera's or a generator's numbering),
+# and hex digests / UUIDs
+_NUMBERED_NAME = re.compile(r"^[^\W\d_]+(?:[\s._-]*\d+)+$")
+_HASH_NAME = re.compile(r"^(?=.*\d)[0-9a-f]{8,}(?:[\s-][0-9a-f]{4,})*$", re.IGNORECASE)
 
 
 def caption_from_name(stem: str) -> str:
@@ -59,6 +63,15 @@ def read_caption(image_path: Path) -> str:
             raise UserError(f"cannot read caption file {sidecar}: {err.strerror or err}",
                             "check that it is readable") from None
     return caption_from_name(image_path.stem)
+
+
+def real_caption(image_path: Path, caption: str) -> str:
+    """``caption`` (:func:`read_caption` of ``image_path``) when it describes the image: the ``.txt`` caption, or a
+    file name made of words (``a_red_dog.png``); ``""`` for a file name that only names or numbers the image
+    (``img0``, ``IMG_1234``, ``DSC00012``, ``class_3_81234`` of a generated class image, a hash or UUID)."""
+    if not caption or Path(image_path).with_suffix(".txt").is_file():
+        return caption
+    return "" if _NUMBERED_NAME.match(caption) or _HASH_NAME.match(caption) else caption
 
 
 def _word(token: str) -> re.Pattern[str]:

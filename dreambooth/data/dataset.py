@@ -18,7 +18,7 @@ from PIL import Image
 from ..config import Concept
 from ..errors import UserError
 from .buckets import choose_bucket, fit_to_bucket, make_buckets
-from .captions import build_prompt, drop_tags, read_caption, shuffle_tags
+from .captions import build_prompt, drop_tags, read_caption, real_caption, shuffle_tags
 from .images import ImageError, list_images, load_image, probe_image, to_tensor
 from .steps import count_steps
 
@@ -230,6 +230,18 @@ class TrainingData:
         prompt = build_prompt(ex.caption_template, ex.caption, instance_token, concept.class_token)
         prompt = shuffle_tags(prompt, keep_tokens, rng) if shuffle else prompt
         return drop_tags(prompt, keep_tokens, tag_dropout, rng) if tag_dropout > 0 and not ex.is_class else prompt
+
+    def tag_prompts(self) -> dict[str, list[str]]:
+        """Per image folder, the prompt each image trains with (unshuffled), where a file name that is no caption
+        (:func:`~.captions.real_caption`: ``img0``, ``DSC00012``) counts as none: what a LoRA's ``ss_tag_frequency``
+        counts, as kohya counts the caption each image trains with."""
+        prompts: dict[str, list[str]] = {}
+        for ex in self.all_examples():
+            concept = self.concepts[ex.concept]
+            prompt = build_prompt(ex.caption_template, real_caption(ex.image, ex.caption),
+                                  "" if ex.is_class else concept.instance_token, concept.class_token)
+            prompts.setdefault(ex.image.parent.name, []).append(prompt)
+        return prompts
 
 
 def check_instance_prompts(concepts: list[Concept], resolution: int, enable_buckets: bool, seed: int) -> None:

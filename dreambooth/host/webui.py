@@ -179,17 +179,19 @@ class WebUIHost:
             sd_models.send_model_to_device(model)
 
     def training_started(self, model: ModelDir, is_running: Callable[[], bool],
-                         read_status: Callable[[], dict | None], poll_seconds: float = 1.0) -> None:
+                         read_status: Callable[[], dict | None], poll_seconds: float = 1.0,
+                         job: str = "training") -> None:
         """Free VRAM now; while the worker runs, say its progress in the WebUI's console and mirror it into the
         WebUI's progress state; bring the model back after.
 
-        ``is_running()`` and ``read_status()`` come from the jobs module; a thread watches the worker.
+        ``is_running()`` and ``read_status()`` come from the jobs module; a thread watches the worker. ``job``:
+        what the worker does ("training", or "sampling" for "Generate samples now").
         """
         moved = self.free_vram()
-        job = f"dreambooth {model.name}"
+        what, job = job, f"dreambooth {model.name}"  # job: the name of our job in shared.state
         every = getattr(shared.opts, OPT_CONSOLE_EVERY, CONSOLE_EVERY_DEFAULT)
         lines = ProgressLines(model.name, every_s=float(every or 0))
-        console(f"Dreambooth {model.name}: training started (the worker's own log: {model.logs / 'worker.log'})")
+        console(f"Dreambooth {model.name}: {what} started (the worker's own log: {model.logs / 'worker.log'})")
 
         def watch() -> None:
             try:

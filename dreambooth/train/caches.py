@@ -7,6 +7,9 @@ encoder step ratio, and no textual inversion), each distinct prompt is encoded o
 SDXL's pooled output) are reused. The key is the prompt's exact token ids for every tokenizer, so prompts that
 vary (shuffled tags, [filewords]) get entries of their own. Each prompt is encoded alone (batch of one), under the
 step's autocast, so a cached row equals what the batch encode gives up to float rounding of batched matmuls.
+The entries live in RAM, not on the training device, and their bytes are bounded (``TEXT_CACHE_BYTES``, the least
+recently used prompt goes first): shuffled tags make a new prompt almost every step, which on the GPU would eat
+VRAM without end. A step's rows go to the device together, a copy of well under a megabyte.
 
 :class:`Offloader`: when every latent and text embedding a step needs comes from the caches, the VAE and the
 frozen text encoder(s) wait in RAM during training steps and come back to the device for previews and class
@@ -17,6 +20,7 @@ where the encoder is, on the CPU, and the result moved to the device.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -27,18 +31,20 @@ from ..data.dataset import Example, TrainingData
 from ..data.prompts import tokenize_prompts
 from .conditioning import encode_tokens
 from .models import Models
-from .speed import to_device
 
 log = logging.getLogger(__name__)
 
 Key = tuple[tuple[int, ...], ...]
+# RAM for cached text embeddings: ~9,000 SD 1.x or ~3,300 SDXL prompts in fp16 (half that in fp32), more than the
+# distinct prompts of any dataset without shuffled tags
+TEXT_CACHE_BYTES = 1 << 30
 
 
 class LatentCache:
     """The scaled VAE latent (the distribution's mean) of each example; kept when ``enabled`` (cached latents)."""
 
-    def __init__(self, models: Models, data: TrainingData, device: torch.device, pinned: bool, enabled: bool) -> None:
-        self.models, self.data, self.device, self.pinned, self.enabled = models, data, device, pinned, enabled
+    def __init__(self, models: Models, data: TrainingData, device: torch.device, enabled: bool) -> None:
+        self.models, self.data, self.device, self.enabled = models, data, device, enabled
         self.entries: dict[tuple[Path, tuple[int, int], bool], torch.Tensor] = {}
         self.encodes = 0  # how many images went through the VAE (a cache hit adds none)
 
@@ -47,7 +53,7 @@ class LatentCache:
         key = (ex.image, ex.bucket, flip)
         if self.enabled and key in self.entries:
             return self.entries[key]
-        pixels = to_device(self.data.load_pixels(ex, flip), self.device, self.pinned)[None]
+        pixels = self.data.load_pixels(ex, flip).to(self.device)[None]
         vae = self.models.vae
         pixels = pixels.to(vae.dtype)  # bf16 with bf16 weights; the latent is kept in fp32 either way
         latent = vae.encode(pixels).latent_dist.mode()[0].float() * vae.config.scaling_factor
@@ -64,15 +70,20 @@ class LatentCache:
 
 
 class TextEmbeddingCache:
-    """Hidden states (and pooled output) per distinct prompt, on the training device."""
+    """Hidden states (and pooled output) per distinct prompt, in RAM up to ``max_bytes`` (least recently used
+    dropped first); :meth:`get` returns them on ``device``."""
 
-    def __init__(self, models: Models, clip_skip: int, autocast: torch.dtype | None, device: torch.device) -> None:
+    def __init__(self, models: Models, clip_skip: int, autocast: torch.dtype | None, device: torch.device,
+                 max_bytes: int = TEXT_CACHE_BYTES) -> None:
         self.models = models
         self.clip_skip = clip_skip
         self.autocast = autocast
         self.device = device
-        self.entries: dict[Key, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[Key, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self.nbytes = 0  # of the entries
         self.encodes = 0  # prompts encoded (a hit adds none)
+        self.dropped = 0  # entries dropped to stay within max_bytes
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -92,7 +103,18 @@ class TextEmbeddingCache:
         with autocast:
             hidden, pooled = encode_tokens(self.models, [i[None] for i in ids], self.clip_skip)
         self.encodes += 1
-        return hidden[0].to(self.device), None if pooled is None else pooled[0].to(self.device)
+        return hidden[0].to("cpu", copy=True), None if pooled is None else pooled[0].to("cpu", copy=True)
+
+    def _add(self, key: Key, entry: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        self.entries[key] = entry
+        self.nbytes += sum(t.numel() * t.element_size() for t in entry if t is not None)
+        while self.nbytes > self.max_bytes and len(self.entries) > 1:
+            _, old = self.entries.popitem(last=False)
+            self.nbytes -= sum(t.numel() * t.element_size() for t in old if t is not None)
+            if not self.dropped:
+                log.info("the text embedding cache holds %d prompts in %.0f MB, its limit: the least recently used "
+                         "are dropped and encoded again when they come back", len(self.entries), self.nbytes / 2**20)
+            self.dropped += 1
 
     def get(self, token_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``token_ids``: one [B, 77*n] tensor per tokenizer. Returns (hidden [B, ...], pooled [B, P] or None)."""
@@ -102,11 +124,14 @@ class TextEmbeddingCache:
             key = tuple(tuple(i.tolist()) for i in ids)
             entry = self.entries.get(key)
             if entry is None:
-                entry = self.entries[key] = self._encode_row(ids)
+                entry = self._encode_row(ids)
+                self._add(key, entry)
+            else:
+                self.entries.move_to_end(key)
             rows_h.append(entry[0])
             rows_p.append(entry[1])
-        pooled = None if rows_p[0] is None else torch.stack(rows_p)
-        return torch.stack(rows_h), pooled
+        pooled = None if rows_p[0] is None else torch.stack(rows_p).to(self.device)
+        return torch.stack(rows_h).to(self.device), pooled
 
 
 class Offloader:

@@ -1,8 +1,8 @@
 """The training run: set up from the config, then epochs of steps with previews, saves and pauses at their
 intervals, reported through ``status.json``. ``Trainer.run`` reads as an outline. The loop never asks which training
-method it runs (what trains, and how, is ``methods/``); one step's loss is ``step.py``, saves and crash recovery
-``saving.py``, out-of-memory handling ``oom.py``, previews and class images ``sample.py``, speed and memory switches
-``caches.py``, ``precision.py``, ``fused.py``, ``speed.py``.
+method it runs (``methods/``); one step's loss is ``step.py``, its batch ``batch.py``, saves and crash recovery
+``saving.py``, validation ``validation.py``, out-of-memory handling ``oom.py``, previews ``sample.py``, speed and
+memory ``caches.py``, ``precision.py``, ``fused.py``, ``speed.py``; several processes ``distributed.py``.
 
 No host sync per step: losses stay on the device in ``pending_losses`` and are read once per status write
 (:meth:`Trainer._report`). Previews free every gradient first; offloaded modules come back only for them.
@@ -24,53 +24,54 @@ from ..config import check_applies, load_config, resolve_concepts
 from ..data.dataset import Example, TrainingData, check_instance_prompts
 from ..errors import UserError
 from ..families import get_family
+from ..gpus import check_several_processes
 from ..lock import acquire, acquire_device, device_key
 from ..sample import Sampler, SampleSettings, fill_class_folders
 from ..store import ModelDir
 from . import oom
-from .batches import BatchMaker
+from .batch import BatchMaker
 from .caches import LatentCache, Offloader, TextEmbeddingCache, offload_idle
+from .distributed import CANCEL, SingleProcess, from_environment, global_batch
 from .methods import MethodContext, SavePoint, Weights, method_class
 from .models import load_models, set_attention
 from .noise import use_zero_terminal_snr
 from .optimizers import build_optimizer
-from .options import RunOptions, attention_for, autocast_dtype, pick_device
+from .options import RunOptions, attention_for, autocast_dtype, pick_device  # noqa: F401 - tests use loop's
 from .precision import WeightPrecision, check_weight_precision
-from .resume import latest_state
 from .saving import NAN_HINT, Saver, restore_rng, rng_states
 from .schedules import make_lr_scheduler
-from .speed import compile_unet, use_pinned_memory
-from .status import Controls, StatusWriter
+from .speed import compile_unet
+from .status import Cancelled
 from .step import StepSettings, compute_loss
 from .validation import StoppedEarly, Validation, check_validation
 
 log = logging.getLogger(__name__)
 
 
-class Cancelled(Exception):
-    """Raised at a step boundary when the user asked to cancel."""
-
-
 class Trainer:
     """One training run of one model dir."""
 
-    def __init__(self, model: ModelDir, options: RunOptions | None = None) -> None:
+    def __init__(self, model: ModelDir, options: RunOptions | None = None, ranks: SingleProcess | None = None) -> None:
         self.model = model
         self.opts = options or RunOptions()
+        self.ranks = ranks or SingleProcess()  # the processes of the run; only rank 0 (the main one) writes
         self.cfg = load_config(model.path)
+        if self.ranks.world > 1:
+            check_several_processes(self.cfg)  # also when torchrun / accelerate started the processes
         # one run per model dir; takes over the lock jobs.start handed to this worker ($DREAMBOOTH_LOCK_TOKEN)
-        self.lock = acquire(model.path)
-        self.device_lock = None
+        self.lock = acquire(model.path) if self.ranks.main else None
+        self.device_locks: list = []
         try:
-            self.device = pick_device(self.opts.device)
-            key = device_key(str(self.device))  # one training per GPU; None on the CPU
-            if key is not None:
-                self.device_lock = acquire_device(model.path.parent, key, model.name)
+            self.device = self.ranks.device(self.opts.device)
+            devices = [str(self.device), *self.ranks.other_gpus()] if self.ranks.main else []
+            for key in filter(None, map(device_key, devices)):  # one training per GPU (all of a run's); none on CPU
+                self.device_locks.append(acquire_device(model.path.parent, key, model.name))
             if self.device.type == "cpu":
                 torch.set_flush_denormal(True)  # tiny values otherwise slow CPU math down by orders of magnitude
             # a worker jobs.start launched keeps the requests made while it started; a direct run drops old ones
-            self.controls = Controls(model, self.opts.install_signal_handlers, clear_requests=not self.lock.handed_over)
-            self.status = StatusWriter(model, self.device)
+            self.controls = self.ranks.controls(model, self.opts.install_signal_handlers,
+                                                not (self.lock and self.lock.handed_over))
+            self.status = self.ranks.status_writer(model, self.device)
         except BaseException:
             self._release_locks()
             raise
@@ -88,16 +89,18 @@ class Trainer:
         try:
             try:
                 self._setup()
-                self._recover_from_crash()
+                self.ranks.by_main(self._recover_from_crash)  # the others wait for rank 0's repairs
                 self._train()
             except Cancelled:
-                if self.cfg.save_on_cancel and self.step > 0:
+                self.ranks.stop(CANCEL)  # the other processes (waiting for this one) stop too
+                if self.cfg.save_on_cancel and self.step > 0 and self.ranks.main:  # rank 0 saves; the others wait
                     self._save()  # a failing save here ends as "failed", below
                 self._finish("cancelled", f"cancelled at step {self.step}")
-            except StoppedEarly as stop:
+            except StoppedEarly as stop:  # rank 0's decision (at a save): the others stop at their next step
+                self.ranks.stop(CANCEL)
                 self._finish("done", str(stop))
             else:
-                lowered = "" if self.micro_batch == self.cfg.train_batch_size else \
+                lowered = "" if self.micro_batch == math.ceil(self.batch / self.ranks.world) else \
                     f" (with batch {self.micro_batch} after running out of memory)"
                 self._finish("done", f"training complete{lowered}")
         except UserError as err:
@@ -113,9 +116,8 @@ class Trainer:
         return self.status.status
 
     def _release_locks(self) -> None:
-        if self.device_lock is not None:
-            self.device_lock.release()
-        self.lock.release()
+        for held in [*self.device_locks, *([self.lock] if self.lock else [])]:
+            held.release()
 
     def _setup(self) -> None:
         cfg = self.cfg
@@ -131,14 +133,17 @@ class Trainer:
         self.attention = set_attention(self.models, attention_for(cfg.attention, self.opts.attention_default))
         self._to_device()
         self.class_dirs = [self.model.class_images(i, c.class_data_dir) for i, c in enumerate(self.concepts)]
-        self._generate_class_images()
+        self.ranks.by_main(self._generate_class_images)  # the others wait for rank 0's class images
         if cfg.zero_terminal_snr:  # after the class images: they are the untrained model's, with its own schedule
             use_zero_terminal_snr(self.models.noise_scheduler, self.models.scheduler_config)
         class_dirs = [d if c.num_class_images_per > 0 else None for c, d in zip(self.concepts, self.class_dirs,
                                                                                    strict=True)]
         self.data = TrainingData(self.concepts, self.resolution, enable_buckets=cfg.enable_buckets, seed=cfg.seed,
                                  class_dirs=class_dirs, bucket_step=8 if self.resolution < 256 else 64)
-        self.steps_per_epoch = self.data.steps_per_epoch(cfg.train_batch_size, cfg.gradient_accumulation_steps)
+        self.resume = self.ranks.resume_state(self.model.checkpoints) if self.opts.resume else None
+        self.batch, note = global_batch(cfg.train_batch_size, self.ranks.world, self.resume and self.resume.trainer)
+        self.micro_batch = math.ceil(self.batch / self.ranks.world)  # this process's share of each batch
+        self.steps_per_epoch = self.data.steps_per_epoch(self.batch, cfg.gradient_accumulation_steps)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.method = method_class(cfg.method)(MethodContext(cfg, self.models, self.device, self.model, self.opts))
         self.text_encoder_steps = self.method.text_encoder_steps(math.floor(cfg.text_encoder_ratio * self.total_steps))
@@ -149,8 +154,8 @@ class Trainer:
         self._make_optimizer()
         self.method.ready()
         self.saver = Saver(self.model, cfg, self.opts, self.method, self.status)
-        self.validation = Validation(cfg, self.data, self.models, self.device, self.status,
-                                     self.method.added_modules(), self.autocast)
+        self.validation = Validation(cfg, self.data, self.models, self.device, self.status, self.autocast,
+                                     self.method.added_modules(), self.model.logs if self.ranks.main else None)
         if self.opts.resume:
             self._load_resume_state()
             self.status.truncate_loss_log(self.step)  # the steps after it are trained (and logged) again
@@ -158,12 +163,12 @@ class Trainer:
             self.status.start_new_loss_log(self.base_revision)  # this run's steps count from 1 again
         self.validation.start_log(self.opts.resume, self.base_revision)
         self._prepare_caches()
-        self.batches = BatchMaker(cfg, self.models, self.data, self.latents, self.method, self.text_cache,
-                                  self.text_encoder_steps)
+        self.ranks.check_same(self.trained_params)
         log.info("training %s: %d epochs x %d steps = %d steps", self.model.name, cfg.epochs, self.steps_per_epoch,
                  self.total_steps)
         self.status.update(force=True, state="running", total_steps=self.total_steps, total_epochs=cfg.epochs,
-                           step=self.step, epoch=self.epoch, attention=self.attention)
+                           step=self.step, epoch=self.epoch, attention=self.attention, **self.ranks.status_fields(),
+                           **({"note": note} if note else {}))
 
     def _train(self) -> None:
         cfg = self.cfg
@@ -171,7 +176,7 @@ class Trainer:
         self.start_step = self.step
         self.pending_losses: list[tuple[int, int, torch.Tensor, list[float]]] = []
         while self.epoch < cfg.epochs:
-            batches = self.data.epoch_batches(self.epoch, cfg.train_batch_size)
+            batches = self.data.epoch_batches(self.epoch, self.batch)
             groups = [batches[i:i + cfg.gradient_accumulation_steps]
                       for i in range(0, len(batches), cfg.gradient_accumulation_steps)]
             while self.batch_in_epoch < len(groups):
@@ -187,6 +192,8 @@ class Trainer:
     def _end_of_epoch(self) -> None:
         cfg, epoch = self.cfg, self.epoch
         last = epoch == cfg.epochs
+        if not self.ranks.main:
+            return  # previews, saves and pauses are rank 0's; the others wait at the next step
         if cfg.preview_every_n_epochs and (epoch % cfg.preview_every_n_epochs == 0 or last):
             self._preview()
         if last or cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0:
@@ -209,8 +216,7 @@ class Trainer:
     def _apply_speed_settings(self) -> None:
         """Memory format, weight precision and compiling, once the trained parameters are known."""
         cfg, m = self.cfg, self.models
-        self.latents = LatentCache(m, self.data, self.device, use_pinned_memory(cfg.pin_memory, self.device),
-                                   cfg.cache_latents)
+        self.latents = LatentCache(m, self.data, self.device, cfg.cache_latents)
         check_weight_precision(cfg.weight_precision, cfg.mixed_precision, self.device)
         check_applies(cfg, "weight_precision", "fp32")
         if cfg.channels_last:
@@ -224,22 +230,20 @@ class Trainer:
                 self.status.update(note=note)
 
     def _prepare_caches(self) -> None:
-        """The text embedding cache; with offloading, fill the caches up front and move the idle models off."""
+        """The text embedding cache and the batch maker; with offloading, fill the caches up front and move the idle
+        models off."""
         cfg = self.cfg
         if cfg.cache_text_embeddings and not self.method.trains_conditioning:
             self.text_cache = TextEmbeddingCache(self.models, cfg.clip_skip, self.autocast, self.device)
+        self.batches = BatchMaker(cfg, self.models, self.data, self.latents, self.method, self.text_cache,
+                                  self.text_encoder_steps)
         if cfg.offload_frozen_models:
             if cfg.cache_latents:
                 self.status.update(force=True, state="caching", message="caching latents")
             frozen = self.step >= self.text_encoder_steps  # from now on: the text cache can stand in for them
+            written = lambda: self.batches.written_prompts(self.data.all_examples())  # noqa: E731 - shuffled: later
             self.offloader = offload_idle(self.models, self.device, self.latents, self.text_cache,
-                                          self._written_prompts if frozen else None, cfg.hflip, cfg.long_prompts)
-
-    def _written_prompts(self) -> list[str]:
-        """Every example's prompt as written (shuffled tags make new prompts, encoded when they come)."""
-        rng = random.Random(0)  # unused without shuffling; the training RNG streams are not touched
-        return [self.method.expand_prompt(self.data.prompt_for(ex, shuffle=False, keep_tokens=self.cfg.keep_tokens,
-                                                               rng=rng)) for ex in self.data.all_examples()]
+                                          written if frozen else None, cfg.hflip, cfg.long_prompts)
 
     def _make_optimizer(self) -> None:
         cfg = self.cfg
@@ -265,10 +269,10 @@ class Trainer:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
                 "base_revision": self.base_revision, **rng_states(self.device), **self.method.state_dict(),
-                **self.validation.state_dict()}
+                **self.validation.state_dict(), **self.ranks.state(self.batch)}
 
     def _load_resume_state(self) -> None:
-        state = latest_state(self.model.checkpoints)
+        state = self.resume
         if state is None:
             log.warning("no resume state in %s: starting from the working weights", self.model.checkpoints)
             return
@@ -302,7 +306,10 @@ class Trainer:
         logged = len(self.pending_losses)
         free = lambda: oom.free_memory(self.optimizer, self.device)  # noqa: E731
         with oom.stop_on_out_of_memory(self._out_of_memory_error, free):
-            oom.retry_smaller(lambda: self._backward(group, settings, lrs), lambda: self._halve_batch(logged), free)
+            oom.retry_smaller(lambda: self.ranks.together(lambda: self._backward(group, settings, lrs)),
+                              lambda: self._halve_batch(logged), free)  # together: every process does the same
+            self.ranks.sum_([p.grad for p in self.trained_params if p.grad is not None]
+                            + [loss for _, _, loss, _ in self.pending_losses[logged:]])  # the global batch's
             fault_point("step")  # test hook: gradients made, weights not yet updated
             params = [p for p in self.trained_params if p.grad is not None]  # none after a fused backward
             if self.scaler:
@@ -326,11 +333,11 @@ class Trainer:
         generator, rng = torch.Generator().manual_seed(seed), random.Random(seed)
         for examples in group:
             batch_loss = 0.0
-            for start in range(0, len(examples), self.micro_batch):
-                piece = examples[start:start + self.micro_batch]
-                oom.oom_point(self.step + 1, len(piece))
-                loss, _ = compute_loss(self.models, self.batches.make(piece, rng, self.step), settings, generator)
-                loss = loss * (len(piece) / len(examples))
+            for whole, rows, share in self.ranks.pieces(examples, self.micro_batch):  # this process's rows
+                oom.oom_point(self.step + 1, len(whole[rows]))
+                loss, _ = compute_loss(self.models, self.batches.make(whole, rng, self.step, rows), settings,
+                                       generator)
+                loss = loss * share
                 (self.scaler.scale(loss / len(group)) if self.scaler else loss / len(group)).backward()
                 batch_loss = batch_loss + loss.detach()
             self.pending_losses.append((self.step + 1, self.epoch, batch_loss, lrs))
@@ -362,10 +369,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ events
     def _save_point(self) -> SavePoint:
-        captions: dict[str, list[str]] = {}
-        for ex in self.data.all_examples():
-            captions.setdefault(ex.image.parent.name, []).append(ex.caption)
-        return SavePoint(self.step, self.base_revision + self.step, self.epoch, captions)
+        return SavePoint(self.step, self.base_revision + self.step, self.epoch, self.data.tag_prompts())
 
     def _trained_weights(self) -> Weights:
         with self.precision.full_precision():  # bf16 weights are saved from their fp32 values (masters)
@@ -394,6 +398,9 @@ class Trainer:
         self.status.update(force=True, samples=[str(p) for p in written])
 
     def _report(self) -> None:
+        if not self.ranks.main:
+            self.pending_losses.clear()  # rank 0 reports (the losses are summed over the processes)
+            return
         now = time.time()
         if not self.status.due() and self.step < self.total_steps:
             return
@@ -419,15 +426,7 @@ class Trainer:
             self.opts.on_progress(self.status.status)
 
     def _check_controls(self) -> None:
-        if self.controls.cancel_requested:
-            raise Cancelled()
-        if self.controls.pause_requested:
-            self.status.update(force=True, state="paused", message="paused by the user")
-            while self.controls.pause_requested:
-                if self.controls.cancel_requested:
-                    raise Cancelled()
-                time.sleep(0.2)
-            self.status.update(force=True, state="running", message="resumed")
+        self.ranks.check_controls(self.controls, self.status)  # raises Cancelled; pauses while asked
 
     def _sleep(self, seconds: float, message: str) -> None:
         self.status.update(force=True, state="paused", message=message)
@@ -444,5 +443,8 @@ class Trainer:
 
 
 def train_model(model: ModelDir, options: RunOptions | None = None) -> dict:
-    """Run one training of ``model`` in this process. Returns the final status."""
-    return Trainer(model, options).run()
+    """Run one training of ``model`` in this process (one of several under torch's launcher). Returns the final
+    status (of this process: rank 0's is the run's)."""
+    ranks = from_environment((options or RunOptions()).device)
+    with ranks.session():
+        return Trainer(model, options, ranks).run()

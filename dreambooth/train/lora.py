@@ -1,5 +1,6 @@
-"""LoRA (and LoCon) as a network of low-rank adapters on the UNet and the text encoder(s), saved the way kohya's
-sd-scripts save them, so that the WebUI's built-in Lora extension (and diffusers) load our files.
+"""LoRA (LoCon, LoHa, LoKr, DoRA) as a network of adapters on the UNet and the text encoder(s), saved the way kohya's
+sd-scripts (plain LoRA) and LyCORIS (the other types) save them, so that the WebUI's built-in Lora extension, ComfyUI
+and diffusers load our files. The adapter of each type is in ``train/adapters.py``.
 
 What is adapted follows kohya's ``networks/lora.py``:
 
@@ -10,13 +11,14 @@ What is adapted follows kohya's ``networks/lora.py``:
   their Linear and 1x1 convs (``time_emb_proj``, ``conv_shortcut``) with ``rank``/``alpha``.
 - Text encoder(s): the Linear layers of ``CLIPAttention`` (``q/k/v/out_proj``) and ``CLIPMLP`` (``fc1``, ``fc2``).
 
-The adapted layers are wrapped with a forward hook, never copied and never changed:
+The adapted layers are wrapped with forward hooks, never copied and never changed: for plain LoRA
 ``y = base(x) + up(down(dropout(x))) * multiplier * alpha / rank``. ``lora_down`` starts kaiming-uniform
-(a=sqrt(5)) and ``lora_up`` at zero, so a fresh network changes nothing. :meth:`LoraNetwork.remove` takes the hooks
-off and gives the models back exactly as they were.
+(a=sqrt(5)) and ``lora_up`` at zero, so a fresh network changes nothing (every type starts so).
+:meth:`LoraNetwork.remove` takes the hooks off and gives the models back exactly as they were.
 
 Key names are kohya's: ``lora_unet_<module path with _>`` and ``lora_te_<module path with _>`` (SDXL:
-``lora_te1_``/``lora_te2_``), each with ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``. SD 1.x/2.x UNet
+``lora_te1_``/``lora_te2_``), each with ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha`` (the other types:
+their own suffixes, see ``adapters.py``). SD 1.x/2.x UNet
 paths are the diffusers ones (the WebUI converts them); SDXL UNet paths are the sgm ones (``input_blocks_4_1_...``),
 as kohya's SDXL trainer writes them and as the WebUI looks them up directly.
 """
@@ -37,10 +39,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from ..config import LORA_TYPES
 from ..errors import UserError
 from ..families import SD1, SD2, SD2V, SDXL, get_family
 from ..families.keys_unet import SD_UNET, SDXL_UNET, unet_key_map
 from ..working import save_tensors
+from .adapters import Adapter, Shared, make_adapter
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
@@ -54,7 +58,8 @@ UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TEXT_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 
-NETWORK_MODULE = "networks.lora"
+NETWORK_MODULE = "networks.lora"  # kohya's module for plain LoRA / LoCon
+LYCORIS_MODULE = "lycoris.kohya"  # LyCORIS's module for kohya's trainer: the other types
 BASE_MODEL_VERSION = {SD1: "sd_v1", SD2: "sd_v2", SD2V: "sd_v2_v", SDXL: "sdxl_base_v1-0"}
 MODELSPEC_VERSION = "1.0.0"
 IMPL_DIFFUSERS = "diffusers"
@@ -70,8 +75,17 @@ class LoraSettings:
     conv_alpha: float = 1.0  # (0: conv_alpha = conv_rank)
     train_unet: bool = True
     train_text_encoder: bool = True
+    type: str = "lora"  # config.LORA_TYPES: lora (LoCon), loha, lokr, dora
+    lokr_factor: int = -1  # LoKr: how each side splits into the Kronecker factors (-1: as evenly as possible)
+    lokr_decompose_both: bool = False  # LoKr: the small factor low-rank too
 
     def __post_init__(self) -> None:
+        if self.type not in LORA_TYPES:
+            raise UserError(f"unknown LoRA type {self.type!r}", f"pick one of: {', '.join(LORA_TYPES)}")
+        if not isinstance(self.lokr_factor, int) or isinstance(self.lokr_factor, bool) or not (
+                self.lokr_factor == -1 or self.lokr_factor >= 1):
+            raise UserError(f"LoKr factor must be -1 or a whole number >= 1, not {self.lokr_factor!r}",
+                            "-1 splits each layer as evenly as possible")
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise UserError(f"LoRA rank must be a whole number >= 1, not {self.rank!r}")
         if not isinstance(self.conv_rank, int) or isinstance(self.conv_rank, bool) or self.conv_rank < 0:
@@ -89,7 +103,9 @@ class LoraSettings:
     @classmethod
     def from_config(cls, cfg: TrainConfig, *, train_text_encoder: bool) -> LoraSettings:
         return cls(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, conv_rank=cfg.lora_conv_rank,
-                   conv_alpha=cfg.lora_conv_alpha, train_unet=cfg.train_unet, train_text_encoder=train_text_encoder)
+                   conv_alpha=cfg.lora_conv_alpha, train_unet=cfg.train_unet, train_text_encoder=train_text_encoder,
+                   type=cfg.lora_type, lokr_factor=cfg.lora_lokr_factor,
+                   lokr_decompose_both=cfg.lora_lokr_decompose_both)
 
     @property
     def effective_alpha(self) -> float:
@@ -99,65 +115,6 @@ class LoraSettings:
     @property
     def effective_conv_alpha(self) -> float:
         return float(self.conv_alpha) if self.conv_alpha else float(self.conv_rank)
-
-
-class _Shared:
-    """State the network shares with its modules (a plain object, so modules do not register the network)."""
-
-    def __init__(self) -> None:
-        self.multiplier = 1.0
-
-
-class LoraModule(nn.Module):
-    """The low-rank path of one adapted layer: ``up(down(dropout(x))) * multiplier * alpha / rank``."""
-
-    def __init__(self, name: str, base: nn.Module, rank: int, alpha: float, dropout: float, shared: _Shared,
-                 dtype: torch.dtype) -> None:
-        super().__init__()
-        self.lora_name = name
-        self.rank = rank
-        self.dropout = dropout
-        self._shared = shared
-        factory: dict[str, Any] = {"device": base.weight.device, "dtype": dtype}
-        if isinstance(base, nn.Conv2d):
-            self.lora_down: nn.Module = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
-                                                  base.dilation, bias=False, padding_mode=base.padding_mode, **factory)
-            self.lora_up: nn.Module = nn.Conv2d(rank, base.out_channels, 1, 1, bias=False, **factory)
-        else:
-            self.lora_down = nn.Linear(base.in_features, rank, bias=False, **factory)
-            self.lora_up = nn.Linear(rank, base.out_features, bias=False, **factory)
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_up.weight)
-        self.register_buffer("alpha", torch.tensor(float(alpha), device=base.weight.device))
-        self.scale = float(alpha) / rank
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self.scale = float(self.alpha) / self.rank  # a loaded file brings its own alpha
-
-    def delta(self, x: Tensor, dropout: bool) -> Tensor:
-        """What this module adds to the base layer's output for input ``x``."""
-        weight = self.lora_down.weight
-        h = x if x.dtype == weight.dtype else x.to(weight.dtype)
-        if dropout and self.dropout > 0:
-            h = nn.functional.dropout(h, p=self.dropout, training=True)
-        return self.lora_up(self.lora_down(h)) * (self._shared.multiplier * self.scale)
-
-    def hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
-        if self._shared.multiplier == 0:
-            return output
-        x = args[0] if args else kwargs["input"]
-        # dropout only while both the network and the adapted model are training (previews put the model in eval)
-        return output + self.delta(x, self.training and module.training).to(output.dtype)
-
-    def delta_weight(self) -> Tensor:
-        """``up @ down * alpha / rank * multiplier`` in the shape of the base layer's weight."""
-        up, down = self.lora_up.weight, self.lora_down.weight
-        if down.ndim == 2:
-            w = up @ down
-        else:  # conv: up is [out, rank, 1, 1], down [rank, in, kh, kw]
-            w = (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
-        return w * (self._shared.multiplier * self.scale)
 
 
 @cache
@@ -252,7 +209,7 @@ def _targets(component: str, root: nn.Module, settings: LoraSettings,
 
 
 class LoraNetwork(nn.Module):
-    """Low-rank adapters on the target layers of the UNet and text encoder(s) of one model.
+    """Adapters of one LoRA type (``settings.type``) on the target layers of the UNet and text encoder(s) of one model.
 
     ``models_or_modules``: a :class:`~dreambooth.train.models.Models` or a mapping ``{"unet": ...,
     "text_encoder": ..., "text_encoder_2": ...}``. Every module given is frozen (``requires_grad=False``; the old
@@ -268,7 +225,7 @@ class LoraNetwork(nn.Module):
         super().__init__()
         self.family = get_family(family).id
         self.settings = settings
-        self._shared = _Shared()
+        self._shared = Shared()
         roots = _roots(models_or_modules, self.family)
         self._parts: dict[str, list[str]] = {p: [] for p in PARTS}
         self._layers: dict[str, nn.Module] = {}  # kohya name -> adapted layer (plain dict: not registered)
@@ -281,7 +238,9 @@ class LoraNetwork(nn.Module):
                 if name in self._layers:
                     raise ValueError(f"two layers map to the LoRA name {name}")
                 _refuse_double_wrap(name, layer)
-                self.add_module(name, LoraModule(name, layer, rank, alpha, settings.dropout, self._shared, dtype))
+                self.add_module(name, make_adapter(settings.type, name, layer, rank, alpha, settings.dropout,
+                                                   self._shared, dtype, settings.lokr_factor,
+                                                   settings.lokr_decompose_both))
                 self._layers[name] = layer
                 self._parts[part].append(name)
         if not self._layers:
@@ -291,15 +250,19 @@ class LoraNetwork(nn.Module):
         for p, _ in self._frozen:
             p.requires_grad_(False)
         for name, layer in self._layers.items():
-            self._handles.append(layer.register_forward_hook(self.get_submodule(name).hook, with_kwargs=True))
-        log.info("LoRA rank %d alpha %g%s: %d UNet and %d text encoder layers, %d trainable parameters",
-                 settings.rank, settings.effective_alpha,
-                 f", LoCon rank {settings.conv_rank} alpha {settings.effective_conv_alpha:g}" if settings.conv_rank
+            adapter = self.get_submodule(name)
+            pre_hook = adapter.pre_hook()
+            if pre_hook is not None:
+                self._handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            self._handles.append(layer.register_forward_hook(adapter.hook, with_kwargs=True))
+        log.info("LoRA (%s) rank %d alpha %g%s: %d UNet and %d text encoder layers, %d trainable parameters",
+                 settings.type, settings.rank, settings.effective_alpha,
+                 f", conv rank {settings.conv_rank} alpha {settings.effective_conv_alpha:g}" if settings.conv_rank
                  else "", len(self._parts["unet"]), len(self._parts["text_encoder"]),
                  sum(p.numel() for p in self.parameters()))
 
     @property
-    def lora_modules(self) -> dict[str, LoraModule]:
+    def lora_modules(self) -> dict[str, Adapter]:
         return {name: self._modules[name] for name in self._layers}  # type: ignore[misc]
 
     @property
@@ -331,8 +294,9 @@ class LoraNetwork(nn.Module):
         return [p for name in self.names(part) for p in self.get_submodule(name).parameters()]
 
     def kohya_state_dict(self) -> dict[str, Tensor]:
-        """``{<kohya name>.lora_down.weight, .lora_up.weight, .alpha: tensor}``: detached copies, in the dtype and
-        on the device the network has (a snapshot: later training does not change it)."""
+        """``{<kohya name>.lora_down.weight, .lora_up.weight, .alpha: tensor}`` (the other types: their keys):
+        detached copies, in the dtype and on the device the network has (a snapshot: later training does not change
+        it)."""
         return {k: v.detach().clone() for k, v in self.state_dict().items()}
 
     def load_kohya_state_dict(self, state: Mapping[str, Tensor]) -> None:
@@ -347,11 +311,13 @@ class LoraNetwork(nn.Module):
             if unexpected:
                 parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
             raise UserError("the LoRA weights do not fit this network: " + "; ".join(parts),
-                            "use the same model family, rank, LoCon and UNet/text encoder settings it was trained with")
+                            "use the same model family, LoRA type, rank, conv rank (LoKr: factor) and UNet/text "
+                            "encoder settings it was trained with")
         for key, value in own.items():
             if tuple(state[key].shape) != tuple(value.shape):
                 raise UserError(f"the LoRA weight {key} has shape {list(state[key].shape)}, this network expects "
-                                f"{list(value.shape)}", "use the rank (and conv rank) the LoRA was trained with")
+                                f"{list(value.shape)}",
+                                "use the rank, conv rank (and LoKr factor) the LoRA was trained with")
         self.load_state_dict(dict(state), strict=True)
 
     def remove(self) -> None:
@@ -365,22 +331,23 @@ class LoraNetwork(nn.Module):
 
     @torch.no_grad()
     def merge_into(self) -> None:
-        """Add ``up @ down * alpha / rank * multiplier`` into each adapted layer's weight, then :meth:`remove`.
+        """Add each adapter's weight change (``up @ down * alpha / rank * multiplier`` for plain LoRA) into its
+        layer's weight, then :meth:`remove`.
 
         The models then compute on their own what the wrapped models computed (for a merged checkpoint export).
         """
         if not self.attached:
             raise RuntimeError("the LoRA network was removed; there is nothing to merge into")
         for name, layer in self._layers.items():
-            delta = self.get_submodule(name).delta_weight()
             weight = layer.weight
+            delta = self.get_submodule(name).delta_weight(weight)
             weight.copy_((weight.float() + delta.float().to(weight.device)).to(weight.dtype))
         self.remove()
 
 
 def _refuse_double_wrap(name: str, layer: nn.Module) -> None:
     for hook in layer._forward_hooks.values():
-        if isinstance(getattr(hook, "__self__", None), LoraModule):
+        if isinstance(getattr(hook, "__self__", None), Adapter):
             raise UserError(f"the layer {name} already has a LoRA attached",
                             "remove() the other LoRA network first")
 
@@ -404,6 +371,26 @@ def _tag_frequency(tag_frequency: Mapping, name: str) -> dict:
     return {}
 
 
+def network_module_and_args(settings: LoraSettings) -> tuple[str, dict[str, str]]:
+    """``ss_network_module`` and ``ss_network_args`` as kohya's trainer writes them for these settings: plain LoRA
+    with kohya's ``networks.lora`` (``conv_dim``/``conv_alpha`` for LoCon), the other types with LyCORIS's
+    ``lycoris.kohya`` and the ``--network_args`` that build the same network there (strings, as kohya parses them)."""
+    conv: dict[str, str] = {}
+    if settings.conv_rank:
+        conv = {"conv_dim": str(settings.conv_rank), "conv_alpha": str(settings.effective_conv_alpha)}
+    if settings.type == "lora":
+        return NETWORK_MODULE, conv
+    algo = {"dora": "locon" if settings.conv_rank else "lora"}.get(settings.type, settings.type)
+    # LyCORIS's presets: attn-mlp is kohya's LoRA targets; full adds the ResNet blocks and samplers (and conv_in/out,
+    # time embedding, which we leave alone); without conv_dim LyCORIS would give the convolutions the linear rank
+    args = {"algo": algo, "preset": "full" if settings.conv_rank else "attn-mlp", **conv}
+    if settings.type == "dora":
+        args.update(dora_wd="True", wd_on_output="False")  # magnitude per input channel: the WebUI's layout
+    if settings.type == "lokr":
+        args.update(factor=str(settings.lokr_factor), decompose_both=str(settings.lokr_decompose_both))
+    return LYCORIS_MODULE, args
+
+
 def lora_metadata(family: str, settings: LoraSettings, name: str, tag_frequency: Mapping | None = None,
                   base_hash: str = "", extra: Mapping[str, Any] | None = None) -> dict[str, str]:
     """The ``ss_*`` (kohya / WebUI) and ``modelspec.*`` (SAI model spec) metadata of a LoRA file.
@@ -413,12 +400,10 @@ def lora_metadata(family: str, settings: LoraSettings, name: str, tag_frequency:
     ``str``).
     """
     fam = get_family(family)
-    args: dict[str, str] = {}
-    if settings.conv_rank:
-        args = {"conv_dim": str(settings.conv_rank), "conv_alpha": str(settings.effective_conv_alpha)}
+    module, args = network_module_and_args(settings)
     meta = {
         "ss_output_name": name,
-        "ss_network_module": NETWORK_MODULE,
+        "ss_network_module": module,
         "ss_network_dim": str(settings.rank),
         "ss_network_alpha": str(settings.effective_alpha),
         "ss_network_dropout": str(float(settings.dropout)),

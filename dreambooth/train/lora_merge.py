@@ -1,8 +1,9 @@
 """A LoRA merged into the model's weights, for a full checkpoint export, without touching the model.
 
 :func:`merged_components` gives, per component the network adapts (``unet``, ``text_encoder``, ``text_encoder_2``),
-its canonical state dict (the names of ``working/``) with ``weight + up @ down * alpha / rank * multiplier`` in each
-adapted layer (:meth:`LoraModule.delta_weight`, the same sum :meth:`LoraNetwork.merge_into` makes in place). The
+its canonical state dict (the names of ``working/``) with each adapted layer's weight plus its adapter's change (plain
+LoRA: ``up @ down * alpha / rank * multiplier``; :meth:`Adapter.delta_weight` of any type, the same sum
+:meth:`LoraNetwork.merge_into` makes in place). The
 models stay as they are and keep training; only the adapted layers' weights are new tensors, the rest is shared.
 """
 
@@ -20,7 +21,7 @@ def merged_components(models: object, network: LoraNetwork) -> dict[str, dict[st
     """``{component: canonical state dict with the LoRA merged}`` for the components the LoRA adapts (CPU)."""
     roots: dict[str, nn.Module] = {"unet": models.unet}  # type: ignore[attr-defined]
     roots.update(zip(TEXT_COMPONENTS, models.text_encoders, strict=False))  # type: ignore[attr-defined]
-    deltas = {id(layer.weight): network.lora_modules[name].delta_weight()
+    deltas = {id(layer.weight): network.lora_modules[name].delta_weight(layer.weight)
               for name, layer in network.adapted_layers().items()}
     out: dict[str, dict[str, Tensor]] = {}
     for component, root in roots.items():

@@ -1,8 +1,4 @@
-"""Small speed settings of the trainer: pinned-memory host-to-device copies and ``torch.compile`` of the UNet.
-
-``pin_memory``: a batch tensor built on the host (pixels of uncached latents) is put in pinned (page-locked)
-memory and copied with ``non_blocking=True``, so the copy runs beside the GPU's work instead of stalling the
-host. Only on CUDA; on the CPU (or where CUDA is missing) it changes nothing.
+"""``torch.compile`` of the UNet.
 
 ``compile_unet``: the UNet's forward is wrapped with ``torch.compile`` for the training steps (with gradients on);
 previews (no gradients, other shapes) use the plain forward so they cause no recompiles. Compiling is lazy: if it
@@ -19,18 +15,6 @@ from typing import Any
 import torch
 
 log = logging.getLogger(__name__)
-
-
-def use_pinned_memory(enabled: bool, device: torch.device) -> bool:
-    """Whether host batches are pinned and copied asynchronously: the setting is on and the device is CUDA."""
-    return bool(enabled) and device.type == "cuda" and torch.cuda.is_available()
-
-
-def to_device(tensor: torch.Tensor, device: torch.device, pinned: bool) -> torch.Tensor:
-    """``tensor`` on ``device``; through pinned memory with a non-blocking copy when ``pinned``."""
-    if pinned and tensor.device.type == "cpu":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
 
 
 def compile_unet(unet: torch.nn.Module) -> str | None:

@@ -34,6 +34,10 @@ PEAK_CUDA_ALLOCATED = "cuda_peak_allocated"  # torch's peak allocated memory of 
 PEAK_PROCESS_RSS = "process_peak_rss"  # the worker process's own peak resident memory (CPU and other devices)
 
 
+class Cancelled(Exception):
+    """Raised at a step boundary when the user asked to cancel."""
+
+
 def request_cancel(model: ModelDir) -> None:
     (model.path / CANCEL_FILE).touch()
 

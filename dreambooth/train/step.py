@@ -31,6 +31,10 @@ class Batch:
     # the text conditioning (hidden, pooled) from the text embedding cache; None: encode token_ids in the step
     encoded: tuple[torch.Tensor, torch.Tensor | None] | None = None
     mask: torch.Tensor | None = None  # [B, 1, h, w] loss mask at the latent grid (masked loss); None: everywhere
+    # one process's rows of a batch of ``drawn_for`` examples (data parallel), from ``first_row`` on: the noise is drawn
+    # for the whole batch and these rows kept, so each example gets what it gets in one process; 0: this whole batch
+    drawn_for: int = 0
+    first_row: int = 0
 
 
 @dataclass
@@ -65,12 +69,16 @@ def compute_loss(models: Models, batch: Batch, settings: StepSettings, generator
     scheduler = models.noise_scheduler
 
     # 1. noise and a random timestep per example; the optional pyramid noise, per-channel offset and, for the input
-    #    only, perturbation (each draws only while it is on)
-    noise = torch.randn(latents.shape, generator=generator).to(device)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), generator=generator).to(device)
+    #    only, perturbation (each draws only while it is on). A data-parallel process draws for the whole batch and
+    #    keeps its rows, so each example gets what it gets in one process.
+    drawn, rows = batch.drawn_for or bsz, slice(batch.first_row, batch.first_row + bsz)
+    noise = torch.randn((drawn, *latents.shape[1:]), generator=generator).to(device)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (drawn,), generator=generator)[rows].to(device)
     noise = pyramid_noise(noise, settings.pyramid_noise_iterations, settings.pyramid_noise_discount, generator)
     noise = offset_noise(noise, settings.offset_noise, generator)
-    noisy = scheduler.add_noise(latents, perturbed(noise, settings.input_perturbation, generator), timesteps)
+    inputs = perturbed(noise, settings.input_perturbation, generator)[rows]
+    noise = noise[rows]
+    noisy = scheduler.add_noise(latents, inputs, timesteps)
 
     # 2. what the UNet should predict: the noise (epsilon) or the velocity (v-prediction, SD 2.x 768)
     target = scheduler.get_velocity(latents, noise, timesteps) if models.prediction_type == "v_prediction" \

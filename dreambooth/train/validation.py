@@ -28,7 +28,7 @@ from ..atomic import write_text
 from ..config import Concept, TrainConfig, check_applies
 from ..data.dataset import Example, TrainingData
 from ..errors import UserError
-from .batches import BatchMaker
+from .batch import BatchMaker
 from .caches import LatentCache
 from .conditioning import encode_tokens, sdxl_time_ids
 from .evaluate import TIMESTEPS
@@ -92,12 +92,14 @@ class Validation:
     """The validation set of one run and the history of its losses."""
 
     def __init__(self, cfg: TrainConfig, data: TrainingData, models: Models, device: torch.device,
-                 status: StatusWriter, modules: Sequence[torch.nn.Module], autocast: torch.dtype | None) -> None:
+                 status: StatusWriter, autocast: torch.dtype | None, modules: Sequence[torch.nn.Module],
+                 logs: Path | None) -> None:
+        """``logs``: the model's logs folder; None in a process other than rank 0 (which measures and writes)."""
         self.cfg, self.models, self.status, self.autocast = cfg, models, status, autocast
         self.modules = [models.unet, *models.text_encoders, *modules]
-        self.path = status.model.logs / LOG_NAME
+        self.path = logs / LOG_NAME if logs is not None else None
         self.records: list[Record] = []
-        examples = [ex for items in data.validation for ex in items]
+        examples = [ex for items in data.validation for ex in items] if logs is not None else []
         self.enabled = bool(examples)
         self.chunks = self._prepare(examples, data, device) if self.enabled else []
         if self.enabled:
@@ -107,7 +109,7 @@ class Validation:
         """Latents (through the VAE once, now, before any model is offloaded) and fixed noise per image, in chunks
         of one bucket and at most the batch size. Each image's noise is drawn in the examples' order, so it is the
         same however the images are chunked."""
-        encoder = LatentCache(self.models, data, device, pinned=False, enabled=False)
+        encoder = LatentCache(self.models, data, device, enabled=False)
         generator = torch.Generator().manual_seed(NOISE_SEED)
         prepared = []
         for ex in examples:
@@ -213,6 +215,8 @@ class Validation:
         """A resumed run keeps the rows up to its resumed step (with the exports they name), a fresh run keeps an
         earlier run's ``validation.csv`` as ``validation_until_step_<N>.csv`` and starts its own (as the loss
         log)."""
+        if self.path is None:
+            return  # not this process's log
         if resumed:
             exported = {row[0]: row[1] for row in read_log(self.path, with_exports=True)}
             for record in self.records:

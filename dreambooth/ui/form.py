@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import gpus
 from ..config import Concept, FieldSpec, TrainConfig, coerce, field_specs, load_concepts_file
 from ..data.steps import count_steps
 from ..errors import ConfigError, UserError
@@ -62,8 +64,11 @@ class Control:
 
 
 def control_kind(spec: FieldSpec) -> str:
-    """bool -> checkbox; choices -> dropdown; an int with a narrow range -> slider; other numbers -> number;
-    str -> textbox. Floats never get a slider: a range input snaps to its step and would change e.g. 0.9999."""
+    """The spec's own kind (``gpus``: this machine's GPUs to tick); else bool -> checkbox; choices -> dropdown; an
+    int with a narrow range -> slider; other numbers -> number; str -> textbox. Floats never get a slider: a range
+    input snaps to its step and would change e.g. 0.9999."""
+    if spec.kind is not None:
+        return spec.kind
     if spec.type is bool:
         return "checkbox"
     if spec.choices is not None:
@@ -102,7 +107,9 @@ def config_to_values(cfg: TrainConfig, controls: list[Control]) -> list[Any]:
     blank = Concept()
     values = []
     for control in controls:
-        if control.concept is None:
+        if control.kind == "gpus":
+            values.append(gpus.choices(getattr(cfg, control.spec.name))[1])  # the ticked GPUs' labels
+        elif control.concept is None:
             values.append(getattr(cfg, control.spec.name))
         else:
             concept = cfg.concepts[control.concept] if control.concept < len(cfg.concepts) else blank
@@ -114,6 +121,8 @@ def _from_control(control: Control, value: Any) -> Any:
     """A control's value as the setting's type, checked against the setting's range and choices."""
     spec = control.spec
     name = f"{control.where}{spec.label}"
+    if control.kind == "gpus":
+        value = gpus.from_choices(value)
     if spec.type is str:
         value = "" if value is None else str(value)
     elif spec.type is bool:
@@ -176,11 +185,12 @@ class StepEstimate:
 
 
 def shown_for_method(method: str, controls: list[Control], optimizer: str | None = None,
-                     prediction: str | None = None) -> list[bool]:
+                     values: Mapping[str, Any] | None = None, prediction: str | None = None) -> list[bool]:
     """Which of ``controls`` apply to the training method, optimizer and the model's prediction type (the rest are
     hidden, e.g. LoRA rank for DreamBooth, Adam's betas for Adafactor, zero terminal SNR for epsilon models);
-    ``optimizer`` / ``prediction`` None: any."""
-    return [control.spec.applies(method, optimizer, prediction) for control in controls]
+    ``optimizer`` / ``prediction`` None: any; ``values``: the settings others require (``FieldSpec.requires``: the
+    LoKr factor shows for LoRA type lokr), a name not given: any value."""
+    return [control.spec.applies(method, optimizer, values, prediction) for control in controls]
 
 
 def estimate_steps(concepts: list[Concept], epochs: int, batch_size: int, grad_accum: int,

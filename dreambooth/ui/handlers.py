@@ -320,16 +320,25 @@ class TabHandlers:
         return message_html(f"exported {path} ({cfg.export_dtype}{', EMA weights' if ema == 'main' else ''})", "ok")
 
     def sample(self, name: str | None, *values: Any) -> str:
-        """Previews of the working weights now, with the form's concepts and sample settings (in this process)."""
+        """Save the form and start a worker that makes previews of the working weights with its concepts and sample
+        settings (``jobs.start(job="sample")``, as a training starts); return at once. The status and the gallery
+        show the result."""
         md = self.model(name)
         jobs = _jobs()
         if jobs.running(md):
-            raise UserError(f"{md.name} is training", "previews are made at the preview interval while it trains")
+            raise UserError(f"{md.name} is busy (training, or making previews)",
+                            "previews are made at the preview interval while it trains")
         cfg = self.form_config(md, values)
-        written = generate_previews(md, cfg, self.device(), self.host.attention_default())
-        if not written:
-            raise UserError("no previews to make", "set 'Number of samples' of a concept to 1 or more")
-        return message_html(f"made {len(written)} preview(s) in {md.samples}", "ok")
+        from ..sample_job import check_previews
+
+        check_previews(cfg)
+        cfg.save(md.path)
+        jobs.start(md, models_root=self.host.models_root(), device=self.device(),
+                   attention_default=self.host.attention_default(), job="sample")
+        started = getattr(self.host, "training_started", None)
+        if callable(started):  # the WebUI's model leaves VRAM while the worker samples, as for a training
+            started(md, is_running=lambda: jobs.running(md), read_status=lambda: jobs.status(md), job="sampling")
+        return message_html(f"generating previews of {md.name} in a worker: they appear in the gallery", "ok")
 
     def steps(self, epochs: Any, batch: Any, accumulation: Any, list_file: Any, *concept_values: Any) -> str:
         """The live step count from the step-relevant controls: per panel (folder, repeats, class images per)."""
@@ -415,11 +424,3 @@ def memory_html(text: str) -> str:
 
 def steps_html(text: str) -> str:
     return f"<div class='db-steps'>Total: {_escape(text)}</div>"
-
-
-def generate_previews(md: ModelDir, cfg: TrainConfig, device: str | None, attention_default: str = "sdp"
-                      ) -> list[Path]:
-    """Previews of ``md``'s working weights for each concept of ``cfg``, as the trainer makes them."""
-    from ..sample import sample_now
-
-    return sample_now(md, cfg, device, attention_default)

@@ -16,7 +16,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-ACTIVE_STATES = ("starting", "generating_class_images", "running", "paused", "saving")
+ACTIVE_STATES = ("starting", "generating_class_images", "running", "paused", "saving", "sampling")
 LOSS_POINTS = 400  # the chart draws at most this many points (the loss log is bucketed to it)
 LOG_TAIL_BYTES = 16384
 

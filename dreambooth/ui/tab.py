@@ -8,10 +8,12 @@ a run is active. gradio is reached only through ``compat``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from typing import Any
 
+from .. import gpus
 from ..config import TrainConfig
 from ..families import FAMILY_IDS
 from . import compat
@@ -46,6 +48,10 @@ def _component(control: Control, visible: bool = True) -> Any:
                                info=spec.help or None, elem_id=control.elem_id, visible=visible)
     if kind == "slider":
         return compat.make(gr.Slider, minimum=spec.minimum, maximum=spec.maximum, step=1, **common)
+    if kind == "gpus":  # this machine's GPUs, numbered as torch numbers them here
+        machine = gpus.machine_gpus()
+        info = spec.help if machine else f"{spec.help} (No CUDA GPU found here: training runs on the CPU.)"
+        return compat.make(gr.CheckboxGroup, choices=machine, **{**common, "value": [], "info": info})
     if kind == "number":
         return compat.make(gr.Number, precision=0 if spec.type is int else None, minimum=spec.minimum,
                            maximum=spec.maximum, **common)
@@ -69,7 +75,7 @@ def build_tab(host: Host) -> Any:
     default = TrainConfig()  # the form starts with the defaults: their method's and optimizer's settings show
 
     def shown(controls: list[Control]) -> list[bool]:
-        return shown_for_method(default.method, controls, default.optimizer)
+        return shown_for_method(default.method, controls, default.optimizer, dataclasses.asdict(default))
 
     def render(controls: list[Control]) -> None:
         for control, visible in zip(controls, shown(controls), strict=True):
@@ -203,23 +209,26 @@ def build_tab(host: Host) -> Any:
         compat.on(poll.click, guard(len(poll_outputs))(handlers.poll), [model, seen], poll_outputs, queue=False,
                   show_progress="hidden")
 
-        # settings that do not apply to the chosen training method, optimizer or the model's prediction type are
-        # hidden, whole groups too
+        # settings that do not apply to the chosen training method, optimizer, the model's prediction type or other
+        # choices (FieldSpec.requires: the LoKr settings to LoRA type lokr) are hidden, whole groups too
         def depends(control: Control) -> bool:
             spec = control.spec
-            return spec.methods is not None or spec.optimizers is not None or spec.predictions is not None
+            return any(x is not None for x in (spec.methods, spec.optimizers, spec.predictions, spec.requires))
+
+        required = sorted({c.spec.requires[0] for c in config_controls if c.spec.requires})
 
         dependent = [c for c in config_controls if depends(c)]
         dependent_groups = [(accordion, controls) for accordion, controls in groups.values()
                             if all(depends(c) for c in controls)]
 
-        def show_for(method: str, optimizer: str, name: str | None = None) -> list[Any]:
+        def show_for(method: str, optimizer: str, name: str | None, *others: Any) -> list[Any]:
             prediction = handlers.prediction_type(name)
-            updates = [compat.update(visible=v) for v in shown_for_method(method, dependent, optimizer, prediction)]
-            return updates + [compat.update(visible=any(shown_for_method(method, cs, optimizer, prediction)))
-                              for _, cs in dependent_groups]
+            values = dict(zip(required, others, strict=True))
+            shown = lambda cs: shown_for_method(method, cs, optimizer, values, prediction)  # noqa: E731
+            updates = [compat.update(visible=v) for v in shown(dependent)]
+            return updates + [compat.update(visible=any(shown(cs))) for _, cs in dependent_groups]
 
-        choice = [made["dbt_method"], made["dbt_optimizer"], model]
+        choice = [made["dbt_method"], made["dbt_optimizer"], model, *(made[f"dbt_{name}"] for name in required)]
         for trigger in choice:
             compat.on(trigger.change, show_for, choice,
                       [made[c.elem_id] for c in dependent] + [a for a, _ in dependent_groups], queue=False)

@@ -55,12 +55,12 @@ class MethodContext:
 @dataclass(frozen=True)
 class SavePoint:
     """Where a save happens: the run's step (resume states count from it), the model's total, the epoch, and the
-    captions trained on (a LoRA's tag frequency)."""
+    prompts trained on (a LoRA's tag frequency: ``TrainingData.tag_prompts``)."""
 
     step: int
     revision: int
     epoch: int
-    captions: Mapping[str, list[str]] = field(default_factory=dict)  # image folder name -> captions
+    captions: Mapping[str, list[str]] = field(default_factory=dict)  # image folder name -> each image's prompt
 
 
 @dataclass

@@ -1,6 +1,7 @@
-"""LoRA (and LoCon): low-rank adapters on the UNet and, for a share of the steps, the text encoders train; the model
-stays as it is. A save writes the kohya-format LoRA file the WebUI loads (the model dir's copy, and one per save
-in the host's Lora folder); with 'Also export a merged checkpoint' also a checkpoint with the LoRA merged in."""
+"""LoRA (LoCon, LoHa, LoKr, DoRA: the setting 'LoRA type'): adapters on the UNet and, for a share of the steps, the
+text encoders train; the model stays as it is. A save writes the kohya / LyCORIS-format file the WebUI loads (the model
+dir's copy, and one per save in the host's Lora folder); with 'Also export a merged checkpoint' also a checkpoint with
+the adapters merged in."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ class Lora(TrainingMethod):
 
     @classmethod
     def memory(cls, cfg: TrainConfig, counts: Mapping[str, Any]) -> MemoryShare:
-        trained = counts["lora_per_rank"] * cfg.lora_rank
+        # LoHa holds two pairs of a LoRA's size; LoKr less than one (counted as one); DoRA adds a vector per layer
+        trained = counts["lora_per_rank"] * cfg.lora_rank * (2 if cfg.lora_type == "loha" else 1)
         return MemoryShare(trained=trained, added=trained, text_encoders=cfg.text_encoder_ratio > 0)
 
     def setup(self, text_encoder_steps: int) -> list[ParamGroup]:
@@ -73,10 +75,10 @@ class Lora(TrainingMethod):
         clean_stale_temps(self.model.path / "lora", re.escape(f"{name}.safetensors"))
         if self.options.lora_dir is not None:
             clean_stale_temps(self.options.lora_dir, re.escape(name) + r"_\d+\.(safetensors|yaml)")
-        tags: dict[str, dict[str, int]] = {}
+        tags: dict[str, dict[str, int]] = {}  # kohya's ss_tag_frequency: comma-separated tags, lower case
         for folder, captions in at.captions.items():
             counts = tags.setdefault(folder, {})
-            for tag in (t.strip() for caption in captions for t in caption.split(",")):
+            for tag in (t.strip().lower() for caption in captions for t in caption.split(",")):
                 if tag:
                     counts[tag] = counts.get(tag, 0) + 1
         meta = lora_metadata(self.cfg.family, self.network.settings, name, tags, self.cfg.source_sha256,
