@@ -354,6 +354,7 @@ def _spec_json(spec: Any) -> dict[str, Any]:
             "choices": list(spec.choices) if spec.choices is not None else None, "ui": spec.ui,
             "methods": list(spec.methods) if spec.methods is not None else None,
             "optimizers": list(spec.optimizers) if spec.optimizers is not None else None,
+            "predictions": list(spec.predictions) if spec.predictions is not None else None,
             "requires": {spec.requires[0]: list(spec.requires[1])} if spec.requires else None}
 
 

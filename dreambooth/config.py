@@ -11,20 +11,15 @@ migrated; keys nobody knows are kept (``TrainConfig.unknown``), written back on 
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
-import math
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .atomic import write_json
-from .errors import ConfigError, UserError
-from .families import FAMILY_IDS
+from .errors import UserError
+from .families import FAMILIES, FAMILY_IDS
 from .gpus import text_problem as gpus_problem
-
-log = logging.getLogger(__name__)
 
 CONFIG_VERSION = 1
 CONFIG_FILE = "db_config.json"
@@ -61,23 +56,28 @@ LORA_TYPES = ("lora", "loha", "lokr", "dora")  # the LoRA method's adapter types
 # and its own epsilon pair, Lion has no epsilon. The others ignore these settings, so the tab hides them.
 BETAS_OPTIMIZERS = ("adamw", "adamw_8bit", "lion", "dadaptation", "prodigy")
 EPSILON_OPTIMIZERS = ("adamw", "adamw_8bit", "dadaptation", "prodigy")
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what a family's UNet predicts (families.Family.prediction_type)
+# methods whose saves each export their own files (named by the step; textual inversion replaces its file)
+PER_SAVE_EXPORT_METHODS = tuple(m for m in METHODS if m != "textual_inversion")
 
 
 def setting(default: Any, label: str, help: str, group: str, *, minimum: float | None = None,
             maximum: float | None = None, choices: Collection[str] | None = None, ui: bool = True,
             methods: tuple[str, ...] | None = None, optimizers: tuple[str, ...] | None = None,
-            kind: str | None = None, check: Callable[[Any], str | None] | None = None,
-            requires: tuple[str, tuple[str, ...]] | None = None) -> Any:
+            predictions: tuple[str, ...] | None = None, kind: str | None = None,
+            check: Callable[[Any], str | None] | None = None, requires: tuple[str, tuple[str, ...]] | None = None
+            ) -> Any:
     """A dataclass field with the metadata the UI, CLI and API are generated from.
 
-    ``methods`` / ``optimizers``: the training methods / optimizers the setting applies to (None: all);
-    ``requires``: (another setting, the values of it it applies to), e.g. LoKr's to lora_type lokr. The tab hides a
-    setting where it does not apply. ``kind``: the tab's control where the type does not say it (``"gpus"``: this
-    machine's GPUs); ``check``: what is wrong with a value of the right type, or None.
+    ``methods`` / ``optimizers`` / ``predictions`` (``PREDICTION_TYPES``): the training methods / optimizers / model
+    prediction types the setting applies to (None: all); ``requires``: (another setting, the values of it it applies
+    to), e.g. LoKr's to lora_type lokr. The tab hides a setting where it does not apply. ``kind``: the tab's control
+    where the type does not say it (``"gpus"``: this machine's GPUs); ``check``: what is wrong with a value of the
+    right type, or None.
     """
     meta = {"label": label, "help": help, "group": group, "min": minimum, "max": maximum, "choices": choices,
-            "ui": ui, "methods": methods, "optimizers": optimizers, "kind": kind, "check": check,
-            "requires": requires}
+            "ui": ui, "methods": methods, "optimizers": optimizers, "predictions": predictions, "kind": kind,
+            "check": check, "requires": requires}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -125,6 +125,10 @@ class Concept:
                                            minimum=1.0, maximum=30.0)
     sample_steps: int = setting(20, "Sample steps", "Sampling steps for previews.", "samples",
                                 minimum=1, maximum=200)
+    validation_data_dir: str = setting("", "Validation images folder", "Images that never train: their loss at each "
+                                       "save goes to logs/validation.csv and the loss chart.", "validation")
+    validation_holdout: int = setting(0, "Hold out N instance images for validation", "The same N instance images "
+                                      "every run validate instead of training; 0: none.", "validation", minimum=0)
 
 
 @dataclass
@@ -324,6 +328,10 @@ class TrainConfig:
     shuffle_tags: bool = setting(False, "Shuffle tags", "Shuffle comma-separated caption tags each step.", "images")
     keep_tokens: int = setting(0, "Keep N tokens", "Leading caption tags kept in place when shuffling.", "images",
                                minimum=0, maximum=75)
+    caption_dropout: float = setting(0.0, "Caption dropout", "Chance an instance image trains with an empty prompt "
+                                     "(helps guidance); 0 is off, 0.05-0.1 usual.", "images", minimum=0.0, maximum=1.0)
+    caption_tag_dropout: float = setting(0.0, "Tag dropout", "Chance each tag after the first 'Keep N tokens' is left "
+                                         "out in a step; 0 is off.", "images", minimum=0.0, maximum=1.0)
     long_prompts: str = setting("truncate", "Prompts over 75 tokens",
                                 "truncate (with a warning) or chunk into 75-token windows like the WebUI.", "images",
                                 choices=LONG_PROMPTS)
@@ -335,6 +343,20 @@ class TrainConfig:
                                   "brights. 0 is off; 0.05-0.1 is usual.", "loss", minimum=0.0, maximum=1.0)
     min_snr_gamma: float = setting(0.0, "Min-SNR gamma", "Min-SNR loss weighting; 0 is off, 5 is usual.", "loss",
                                    minimum=0.0, maximum=100.0)
+    debiased_estimation: bool = setting(False, "Debiased estimation loss", "Weight each example by 1/sqrt(SNR) "
+                                        "(v: 1/(SNR+1)), as kohya: less on nearly clean timesteps.", "loss")
+    masked_loss: bool = setting(False, "Masked loss", "Train only where name.mask.png (beside name.png, or in masks/) "
+                                "or the image's alpha is white; unmasked images train everywhere.", "loss")
+    pyramid_noise_iterations: int = setting(0, "Multi-resolution noise iterations", "Pyramid noise levels (like offset "
+                                            "noise: dark/bright areas); 0 is off, 6-10 usual.", "loss", minimum=0,
+                                            maximum=16)
+    pyramid_noise_discount: float = setting(0.3, "Multi-resolution noise discount", "Strength of each coarser level "
+                                            "relative to the one before.", "loss", minimum=0.0, maximum=1.0)
+    input_perturbation: float = setting(0.0, "Input perturbation", "Extra noise on the UNet's input only (less "
+                                        "exposure bias); 0 is off, 0.1 usual.", "loss", minimum=0.0, maximum=1.0)
+    zero_terminal_snr: bool = setting(False, "Zero terminal SNR", "Rescale the schedule so its last step is pure noise "
+                                      "(v-prediction only; sample with the WebUI's 'Zero Terminal SNR').", "loss",
+                                      predictions=("v_prediction",))
     freeze_clip_normalization: bool = setting(False, "Freeze CLIP normalization layers",
                                               "Keep the text encoder's LayerNorms fixed while it trains.", "loss",
                                               methods=("dreambooth",))
@@ -352,6 +374,13 @@ class TrainConfig:
                                       minimum=1, maximum=100)
     sample_scheduler: str = setting("dpmpp_2m", "Preview scheduler", "Sampler for previews and class images.",
                                     "saving", choices=SAMPLE_SCHEDULERS)
+
+    # validation (the set itself is per concept)
+    keep_best_saves: int = setting(0, "Keep the best N saves", "Delete the exports of all but the N saves with the "
+                                   "lowest validation loss; 0 keeps all.", "validation", minimum=0,
+                                   methods=PER_SAVE_EXPORT_METHODS)
+    early_stop_saves: int = setting(0, "Stop when validation loss has not improved for K saves", "End the run after K "
+                                    "saves without a new lowest validation loss; 0: never.", "validation", minimum=0)
 
     concepts: list[Concept] = field(default_factory=list, metadata={"label": "Concepts", "help": "", "group": "",
                                                                     "ui": False})
@@ -390,16 +419,20 @@ class FieldSpec:
     ui: bool
     methods: tuple[str, ...] | None = None  # the training methods it applies to; None: all
     optimizers: tuple[str, ...] | None = None  # the optimizers that read it; None: all
+    predictions: tuple[str, ...] | None = None  # the model prediction types it works with; None: all
     kind: str | None = None  # the tab's control where the type does not say it (see ``setting``)
     check: Callable[[Any], str | None] | None = None  # what is wrong with a value of the right type
     requires: tuple[str, tuple[str, ...]] | None = None  # (another setting, its values it applies to); None: any
 
-    def applies(self, method: str, optimizer: str | None = None, values: Mapping[str, Any] | None = None) -> bool:
-        """Whether the setting has an effect with this method, optimizer and other ``values`` (None / absent: any)."""
+    def applies(self, method: str, optimizer: str | None = None, values: Mapping[str, Any] | None = None,
+                prediction: str | None = None) -> bool:
+        """Whether the setting has an effect with this method, optimizer, other ``values`` and model prediction
+        type (None / absent: any)."""
         return ((self.methods is None or method in self.methods)
                 and (optimizer is None or self.optimizers is None or optimizer in self.optimizers)
                 and (self.requires is None or (values or {}).get(self.requires[0], self.requires[1][0])
-                     in self.requires[1]))
+                     in self.requires[1])
+                and (prediction is None or self.predictions is None or prediction in self.predictions))
 
 
 def field_specs(cls: type = TrainConfig) -> list[FieldSpec]:
@@ -412,8 +445,8 @@ def field_specs(cls: type = TrainConfig) -> list[FieldSpec]:
         m = f.metadata
         choices = tuple(m["choices"]) if m["choices"] is not None else None  # METHODS grows when one registers
         specs.append(FieldSpec(f.name, types[f.name], f.default, m["label"], m["help"], m["group"], m["min"],
-                               m["max"], choices, m["ui"], m.get("methods"), m.get("optimizers"), m.get("kind"),
-                               m.get("check"), m.get("requires")))
+                               m["max"], choices, m["ui"], m.get("methods"), m.get("optimizers"),
+                               m.get("predictions"), m.get("kind"), m.get("check"), m.get("requires")))
     return specs
 
 
@@ -424,12 +457,18 @@ def applies_to(name: str, method: str) -> bool:
 
 
 def check_applies(cfg: TrainConfig, name: str, off: Any) -> None:
-    """Refuse the setting ``name`` set to something other than ``off`` when it does not apply to the method."""
-    if getattr(cfg, name) != off and not applies_to(name, cfg.method):
-        spec = next(s for s in field_specs() if s.name == name)
+    """Refuse the setting ``name`` set to something other than ``off`` when it does not apply to the method or to
+    the model's prediction type."""
+    if getattr(cfg, name) == off:
+        return
+    spec = next(s for s in field_specs() if s.name == name)
+    if not applies_to(name, cfg.method):
         methods = " and ".join(m.replace("_", " ") for m in spec.methods or ())
         raise UserError(f"{spec.label.lower()} {getattr(cfg, name)} applies to {methods} training",
                         f"set {spec.label.lower()} to {off} for {cfg.method.replace('_', ' ')}")
+    if not spec.applies(cfg.method, prediction=(prediction := FAMILIES[cfg.family].prediction_type)):
+        raise UserError(f"{spec.label.lower()} needs a v-prediction model; {FAMILIES[cfg.family].label} predicts "
+                        f"{prediction.replace('_', '-')}", f"turn {spec.label.lower()} off, or train an SD 2.x 768-v")
 
 
 def _field_types(cls: type) -> dict[str, type]:
@@ -440,192 +479,17 @@ def _field_types(cls: type) -> dict[str, type]:
 # ----------------------------------------------------------------------------------------------------------------
 # validation and migration
 
-# key in an older config (ours before v1, or the old DreamBooth extension's) -> key now
-RENAMED_KEYS = {
-    "num_train_epochs": "epochs",
-    "epoch_pause_frequency": "pause_every_n_epochs",
-    "epoch_pause_time": "pause_seconds",
-    "save_embedding_every": "save_every_n_epochs",
-    "save_preview_every": "preview_every_n_epochs",
-    "stop_text_encoder": "text_encoder_ratio",
-    "learning_rate_txt": "text_encoder_learning_rate",
-    "half_model": "export_dtype",
-    "use_8bit_adam": "optimizer",
-    "src": "source_checkpoint",
-    "model_type": "family",
-}
-CONCEPT_RENAMED_KEYS = {
-    "save_sample_prompt": "sample_prompt",
-    "save_sample_negative_prompt": "sample_negative_prompt",
-    "save_sample_template": "sample_template_file",
-    "n_save_sample": "n_samples",
-    "save_guidance_scale": "sample_guidance_scale",
-    "save_infer_steps": "sample_steps",
-    "num_repeats": "repeats",
-}
-# settings taken out -> why (an old config that has one still loads: the value is dropped with a note)
-REMOVED_KEYS = {
-    "pin_memory": "removed: it changed nothing measurable (a batch is cached latents already on the GPU; a pinned "
-                  "copy used at once overlaps nothing)",
-}
-_VALUE_MIGRATIONS = {
-    # old key -> function(old value) giving the new key's value
-    "half_model": lambda v: "fp16" if v else "fp32",
-    "use_8bit_adam": lambda v: "adamw_8bit" if v else "adamw",
-}
 
+# reading a config (validating and migrating it) lives in config_load; its names stay importable from here
+from .config_load import (  # noqa: E402 - it imports the settings above
+    coerce,
+    concept_from_dict,
+    config_from_dict,
+    load_concepts_file,
+    load_config,
+    resolve_concepts,
+    save_progress,
+)
 
-def coerce(name: str, spec: FieldSpec, value: Any) -> Any:
-    """Check one value against its spec; return it (ints accepted for floats) or raise ConfigError naming the field."""
-    expected = _describe(spec)
-    if spec.type is bool:
-        ok = isinstance(value, bool)
-    elif spec.type is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif spec.type is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if ok:
-            value = float(value)
-    elif spec.type is str:
-        ok = isinstance(value, str)
-    else:
-        ok = True
-    if not ok:
-        raise ConfigError(f"{name}: expected {expected}, got {value!r} ({type(value).__name__})",
-                          "fix the value in db_config.json or the form")
-    if spec.choices is not None and value not in spec.choices:
-        raise ConfigError(f"{name}: expected one of {', '.join(spec.choices)}, got {value!r}",
-                          "pick one of the listed values")
-    if spec.minimum is not None and value < spec.minimum or spec.maximum is not None and value > spec.maximum:
-        raise ConfigError(f"{name}: expected {expected}, got {value!r}", "use a value inside the range")
-    problem = spec.check(value) if spec.check is not None else None
-    if problem:
-        raise ConfigError(f"{name}: {problem}", "fix the value in db_config.json or the form")
-    return value
-
-
-def _describe(spec: FieldSpec) -> str:
-    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(spec.type, "a value")
-    if spec.minimum is not None and spec.maximum is not None:
-        return f"{kind} from {spec.minimum:g} to {spec.maximum:g}"
-    if spec.minimum is not None:
-        return f"{kind} >= {spec.minimum:g}"
-    return kind
-
-
-def _migrate_keys(data: dict[str, Any], renamed: dict[str, str], where: str, notes: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        new = renamed.get(key)
-        if new is not None and new != key:
-            if key in _VALUE_MIGRATIONS:
-                value = _VALUE_MIGRATIONS[key](value)
-            if new in data:
-                notes.append(f"{where}{key}: dropped in favour of {new}, which is also set")
-                continue
-            notes.append(f"{where}{key} migrated to {new}")
-            out[new] = value
-        else:
-            out[key] = value
-    return out
-
-
-def concept_from_dict(data: Any, where: str = "concept", notes: list[str] | None = None) -> Concept:
-    notes = notes if notes is not None else []
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected an object with concept settings, got {type(data).__name__}",
-                          "each concept is a JSON object like {\"instance_data_dir\": ..., \"instance_prompt\": ...}")
-    data = _migrate_keys(data, CONCEPT_RENAMED_KEYS, f"{where}.", notes)
-    specs = {s.name: s for s in field_specs(Concept)}
-    values = {}
-    for key, value in data.items():
-        if key not in specs:
-            raise ConfigError(f"{where}.{key}: unknown concept setting",
-                              f"known settings: {', '.join(sorted(specs))}")
-        values[key] = coerce(f"{where}.{key}", specs[key], value)
-    return Concept(**values)
-
-
-def config_from_dict(data: Any) -> tuple[TrainConfig, list[str]]:
-    """Validate and migrate a config dict. Returns the config and notes on what was migrated or kept unknown."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"config: expected a JSON object, got {type(data).__name__}",
-                          "db_config.json must hold one JSON object")
-    notes: list[str] = []
-    version = data.get("config_version", 0)
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise ConfigError(f"config_version: expected an integer, got {version!r}", "set it to 1")
-    if version > CONFIG_VERSION:
-        raise ConfigError(f"config_version {version} was written by a newer version of this extension "
-                          f"(this one reads up to {CONFIG_VERSION})", "update the extension")
-    data = _migrate_keys(dict(data), RENAMED_KEYS, "", notes)
-    for key in REMOVED_KEYS.keys() & data.keys():
-        notes.append(f"{key}: {REMOVED_KEYS[key]}; ignored")
-        del data[key]
-    data["config_version"] = CONFIG_VERSION
-    specs = {s.name: s for s in field_specs(TrainConfig)}
-    values: dict[str, Any] = {}
-    unknown: dict[str, Any] = {}
-    for key, value in data.items():
-        if key == "concepts":
-            if not isinstance(value, list):
-                raise ConfigError(f"concepts: expected a list of concepts, got {type(value).__name__}",
-                                  "write concepts as a JSON list")
-            values["concepts"] = [concept_from_dict(c, f"concepts[{i}]", notes) for i, c in enumerate(value)]
-        elif key in specs:
-            values[key] = coerce(key, specs[key], value)
-        else:
-            unknown[key] = value
-    if unknown:
-        notes.append(f"kept unknown settings (not used, written back on save): {', '.join(sorted(unknown))}")
-    cfg = TrainConfig(**values, unknown=unknown)
-    if cfg.method_defaults != cfg.method:  # the method was changed (or the config predates per-method defaults)
-        from .train.methods import apply_method_defaults  # lazy: the method classes import torch
-
-        notes += apply_method_defaults(cfg)
-    for note in notes:
-        log.warning("%s", note)
-    return cfg, notes
-
-
-def _read_json(path: Path, what: str, missing_hint: str, broken_hint: str) -> Any:
-    if not path.is_file():
-        raise ConfigError(f"{what}{path} does not exist", missing_hint)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{what}{path} is not valid JSON: {err}", broken_hint) from None
-
-
-def load_config(model_dir: str | Path) -> TrainConfig:
-    data = _read_json(Path(model_dir) / CONFIG_FILE, "", "create the model first, or pick another model dir",
-                      "fix the file or restore it from backups/")
-    return config_from_dict(data)[0]
-
-
-def save_progress(model_dir: str | Path, revision: int, epochs_trained: int) -> None:
-    """Record training progress in ``db_config.json`` without touching the user's settings."""
-    cfg = load_config(model_dir)
-    cfg.revision, cfg.epochs_trained = revision, epochs_trained
-    cfg.save(model_dir)
-
-
-def load_concepts_file(path: str | Path) -> list[Concept]:
-    """A concepts-list JSON file: a list of concept objects (the old extension's format is migrated)."""
-    path = Path(path)
-    data = _read_json(path, "concepts list file ", "fix the path or clear the field", "fix the file")
-    if not isinstance(data, list):
-        raise ConfigError(f"concepts list file {path}: expected a JSON list of concepts, got {type(data).__name__}",
-                          "wrap the concepts in [ ... ]")
-    try:
-        return [concept_from_dict(c, f"{path.name}[{i}]") for i, c in enumerate(data)]
-    except ConfigError as err:
-        raise ConfigError(err.message, f"fix the value in {path}") from None
-
-
-def resolve_concepts(cfg: TrainConfig) -> list[Concept]:
-    """The concepts a run trains: the concepts list file's when one is set, else the config's own."""
-    concepts = load_concepts_file(cfg.concepts_list_file) if cfg.concepts_list_file else cfg.concepts
-    if not concepts:
-        raise UserError("no concepts to train", "add a concept with an instance images folder and prompt")
-    return concepts
+__all__ = ["coerce", "concept_from_dict", "config_from_dict", "load_concepts_file", "load_config",
+           "resolve_concepts", "save_progress"]

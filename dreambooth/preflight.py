@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 
-from .config import Concept, TrainConfig, resolve_concepts
+from .config import Concept, TrainConfig, check_applies, resolve_concepts
 from .errors import UserError
 from .families import get_family
 from .store import ModelDir
@@ -26,8 +26,11 @@ def check_run(model: ModelDir, cfg: TrainConfig, resume: bool = False) -> list[s
     from .data.dataset import check_instance_prompts  # lazy: torch and PIL
     from .train.methods import method_class
     from .train.resume import list_states
+    from .train.validation import check_validation
 
     concepts = resolve_concepts(cfg)
+    check_applies(cfg, "zero_terminal_snr", False)  # v-prediction only
+    check_validation(cfg, concepts)
     resolution = cfg.resolution or get_family(cfg.family).resolution
     prompts = check_instance_prompts(concepts, resolution, cfg.enable_buckets, cfg.seed)
     for index, concept in enumerate(concepts):

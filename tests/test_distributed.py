@@ -175,6 +175,31 @@ def test_two_processes_train_lora_as_one_at_twice_the_batch(tmp_path, tiny_check
     assert _files(tmp_path / "dp" / "Lora") == _files(tmp_path / "ref" / "Lora")
 
 
+def test_two_processes_train_as_one_with_the_noise_and_caption_options(tmp_path, tiny_checkpoint):
+    """Pyramid noise, offset noise, input perturbation and caption dropout draw for the whole batch in every
+    process: each example gets what it gets in one process."""
+    source = tiny_checkpoint("sd1")
+    settings = dict(epochs=1, images=4, pyramid_noise_iterations=3, offset_noise=0.1, input_perturbation=0.2,
+                    caption_dropout=0.5)
+    ref = _reference(tmp_path, source, **settings)
+    md = make_training_model(tmp_path / "dp", source, **{**SMOOTH_ADAM, **settings, "train_batch_size": 1})
+    done = _cli(tmp_path / "dp", "--processes", "2", "--device", "cpu")
+    assert done.returncode == 0, done.stdout + done.stderr
+    _assert_same_training(ref.model, md, "dreambooth")
+
+
+def test_an_early_stop_ends_every_process(tmp_path, tiny_checkpoint):
+    # learning rate 0: no save after the first brings a new lowest validation loss; rank 0 decides, all stop
+    md = make_training_model(tmp_path, tiny_checkpoint("sd1"), images=3, epochs=10, save_every_n_epochs=1,
+                             learning_rate=0.0, early_stop_saves=2, train_batch_size=1,
+                             concept={"validation_holdout": 1})
+    done = _cli(tmp_path, "--processes", "2", "--device", "cpu")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "failed" not in done.stdout + done.stderr  # rank 1 stopped too (else it fails once rank 0 has gone)
+    status = json.loads(md.status_path.read_text())
+    assert status["state"] == "done" and "stopped early" in status["message"] and status["step"] == 3
+
+
 @pytest.mark.slow
 def test_a_killed_process_fails_the_run_cleanly_and_resume_finishes_it(tmp_path, tiny_checkpoint):
     source = tiny_checkpoint("sd1")

@@ -259,6 +259,9 @@ def test_total_steps_matches_the_trainer(tmp_path):
     for batch, accumulation in ((1, 1), (3, 2), (4, 3), (16, 1)):
         assert estimate_steps([concept], 5, batch, accumulation).total == 5 * data.steps_per_epoch(batch,
                                                                                                   accumulation)
+    held = Concept(instance_data_dir=str(tmp_path / "a"), repeats=2, validation_holdout=2)  # 2 images validate
+    held_data = TrainingData([held], 64, enable_buckets=False, seed=0)
+    assert estimate_steps([held], 5, 1, 1).total == 5 * held_data.steps_per_epoch(1, 1) == 5 * 3 * 2
 
 
 def test_live_step_count_from_the_form_controls(tmp_path, model):
@@ -582,10 +585,10 @@ def test_settings_of_other_methods_are_hidden():
 def test_changing_the_optimizer_hides_the_settings_it_ignores(built):
     demo, _, components = built
     wired = [f for f in compat.event_functions(demo) if getattr(f, "__name__", "") == "show_for"]
-    assert len(wired) == 3  # run when the method, the optimizer or the LoRA type changes
+    assert len(wired) == 4  # run when the method, the optimizer, the model (prediction type) or the LoRA type change
 
     def hidden(method: str, optimizer: str, lora_type: str = "lora") -> int:
-        return sum(1 for update in wired[0](method, optimizer, lora_type) if update.get("visible") is False)
+        return sum(1 for update in wired[0](method, optimizer, None, lora_type) if update.get("visible") is False)
 
     assert hidden("dreambooth", "adafactor") == hidden("dreambooth", "adamw") + 3  # both betas and the epsilon
     assert hidden("dreambooth", "lion") == hidden("dreambooth", "adamw") + 1  # the epsilon

@@ -125,3 +125,12 @@ def shuffle_tags(prompt: str, keep_tokens: int, rng: random.Random) -> str:
     head, tail = tags[:keep], tags[keep:]
     rng.shuffle(tail)
     return ", ".join(head + tail)
+
+
+def drop_tags(prompt: str, keep_tokens: int, rate: float, rng: random.Random) -> str:
+    """Leave out each comma-separated tag after the first ``keep_tokens`` with probability ``rate`` (kohya's
+    caption tag dropout), so the model does not tie the subject to every tag of its captions."""
+    tags = [tag.strip() for tag in prompt.split(",")]
+    tags = [tag for tag in tags if tag]
+    keep = max(0, keep_tokens)
+    return ", ".join(tags[:keep] + [tag for tag in tags[keep:] if rng.random() >= rate])

@@ -18,7 +18,7 @@ from PIL import Image
 from ..config import Concept
 from ..errors import UserError
 from .buckets import choose_bucket, fit_to_bucket, make_buckets
-from .captions import build_prompt, read_caption, real_caption, shuffle_tags
+from .captions import build_prompt, drop_tags, read_caption, real_caption, shuffle_tags
 from .images import ImageError, list_images, load_image, probe_image, to_tensor
 from .steps import count_steps
 
@@ -48,6 +48,9 @@ class TrainingData:
     Prior preservation pairs every instance item of a concept (repeats included) with one of its class images per
     epoch. The class images are taken in sorted order and the cycle continues from epoch to epoch, so over the
     run every generated class image is used about equally.
+
+    ``validation[i]``: concept i's validation images, never trained on: its validation folder's images and the
+    ``validation_holdout`` instance images taken out of ``instances[i]`` (the same ones every run, whatever the seed).
     """
 
     def __init__(self, concepts: list[Concept], resolution: int, *, enable_buckets: bool, seed: int,
@@ -66,11 +69,14 @@ class TrainingData:
         self.skipped: list[tuple[Path, str]] = []
         self.instances: list[list[Example]] = []
         self.classes: list[list[Example]] = []
+        self.validation: list[list[Example]] = []
         self._warned_batch_size = False
         for index, concept in enumerate(self.concepts):
             override = class_dirs[index] if class_dirs is not None else None
-            self.instances.append(self._scan_instances(index, concept))
+            instances, held_out = self._hold_out(index, concept, self._scan_instances(index, concept))
+            self.instances.append(instances)
             self.classes.append(self._scan_classes(index, concept, override))
+            self.validation.append(held_out + self._scan_validation(index, concept))
         self.instance_items_per_epoch = sum(len(items) * concept.repeats
                                             for items, concept in zip(self.instances, self.concepts, strict=True))
 
@@ -86,6 +92,33 @@ class TrainingData:
         if not examples:
             raise UserError(f"{name}: none of the {len(paths)} images in {concept.instance_data_dir} can be used "
                             f"({self._first_reason(paths)})", "fix or replace the images listed in the log")
+        return examples
+
+    def _hold_out(self, index: int, concept: Concept, examples: list[Example]) -> tuple[list[Example], list[Example]]:
+        """(the instance examples that train, the ``validation_holdout`` ones held out for validation)."""
+        count = concept.validation_holdout
+        if count <= 0:
+            return examples, []
+        if count >= len(examples):
+            raise UserError(f"{_concept_name(index, concept)}: {count} of its {len(examples)} instance images are held "
+                            "out for validation, which leaves none to train on",
+                            "hold out fewer images (one in five is usual), or add images")
+        picked = set(random.Random(f"dreambooth-holdout:{index}").sample(range(len(examples)), count))
+        return ([ex for i, ex in enumerate(examples) if i not in picked],
+                [ex for i, ex in enumerate(examples) if i in picked])
+
+    def _scan_validation(self, index: int, concept: Concept) -> list[Example]:
+        if not concept.validation_data_dir.strip():
+            return []
+        name = _concept_name(index, concept)
+        try:
+            paths = list_images(concept.validation_data_dir, "validation images")
+        except UserError as err:
+            raise UserError(f"{name}: {err.message}", err.hint) from None
+        examples = self._scan(paths, index, concept.instance_prompt, is_class=False)
+        if not examples:
+            raise UserError(f"{name}: none of the {len(paths)} validation images in {concept.validation_data_dir} "
+                            f"can be used ({self._first_reason(paths)})", "fix or replace the images listed in the log")
         return examples
 
     def _scan_classes(self, index: int, concept: Concept, override: Path | None) -> list[Example]:
@@ -183,12 +216,20 @@ class TrainingData:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return to_tensor(img)
 
-    def prompt_for(self, ex: Example, *, shuffle: bool, keep_tokens: int, rng: random.Random) -> str:
-        """The training prompt of ``ex``; class images never get the instance token (they are not the subject)."""
+    def prompt_for(self, ex: Example, *, shuffle: bool, keep_tokens: int, rng: random.Random,
+                   caption_dropout: float = 0.0, tag_dropout: float = 0.0) -> str:
+        """The training prompt of ``ex``; class images never get the instance token (they are not the subject).
+
+        An instance image's prompt is empty with probability ``caption_dropout``, else each of its tags after the
+        first ``keep_tokens`` is left out with probability ``tag_dropout`` (after shuffling); class prompts stay
+        whole. ``rng`` is drawn from only for what is switched on, so runs without them repeat as before."""
+        if caption_dropout > 0 and not ex.is_class and rng.random() < caption_dropout:
+            return ""
         concept = self.concepts[ex.concept]
         instance_token = "" if ex.is_class else concept.instance_token
         prompt = build_prompt(ex.caption_template, ex.caption, instance_token, concept.class_token)
-        return shuffle_tags(prompt, keep_tokens, rng) if shuffle else prompt
+        prompt = shuffle_tags(prompt, keep_tokens, rng) if shuffle else prompt
+        return drop_tags(prompt, keep_tokens, tag_dropout, rng) if tag_dropout > 0 and not ex.is_class else prompt
 
     def tag_prompts(self) -> dict[str, list[str]]:
         """Per image folder, the prompt each image trains with (unshuffled), where a file name that is no caption

@@ -21,6 +21,7 @@ from ..errors import UserError
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MASK_MARK = ".mask"  # name.mask.png is the loss mask of name.png (data/masks.py), never an image to train on
 MAX_IMAGE_PIXELS = 50_000_000  # ~ 8660 x 5773; decoding more can take several GB of RAM
 
 _EXTENSIONS_TEXT = ", ".join(IMAGE_EXTENSIONS)
@@ -34,9 +35,15 @@ class ImageError(UserError):
     """An image file that cannot be used: unreadable, corrupt, not an image, or too large."""
 
 
+def is_mask_file(path: Path) -> bool:
+    """A loss mask beside its image (``name.mask.png``): listed with no images."""
+    return Path(path).stem.lower().endswith(MASK_MARK)
+
+
 def is_image_file(path: Path) -> bool:
-    """True for a visible file whose extension is one we load (case-insensitive)."""
-    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+    """True for a visible file whose extension is one we load (case-insensitive), and not a mask."""
+    return (not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and not is_mask_file(path)
+            and path.is_file())
 
 
 def list_images(folder: str | Path, what: str = "instance images") -> list[Path]:
@@ -61,7 +68,7 @@ def list_images(folder: str | Path, what: str = "instance images") -> list[Path]
                         "check that the folder is readable") from None
     if not entries:
         raise UserError(f"{what} folder {path} is empty", f"put the {what} ({_EXTENSIONS_TEXT}) into it")
-    images = sorted(p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS)
+    images = sorted(p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS and not is_mask_file(p))
     if not images:
         others = sorted(p.name for p in entries)
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
@@ -177,7 +184,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img
     if mode.startswith("I;16") or mode == "I":
         return _sixteen_bit_to_rgb(img)
-    if mode in _ALPHA_MODES or "transparency" in img.info:
+    if has_alpha(img):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -190,17 +197,33 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def load_image(path: Path) -> Image.Image:
     """Decode ``path`` as an upright 8-bit RGB image, or raise :class:`ImageError` naming the file."""
+    upright = load_upright(path)
+    try:
+        return to_rgb(upright)
+    except MemoryError:
+        raise
+    except Exception as err:  # a mode PIL cannot convert: still the user's file, not our bug
+        raise ImageError(f"image {path} cannot be converted to RGB: {err or type(err).__name__}",
+                         "re-save it as an 8-bit RGB PNG or JPEG, or remove it") from None
+
+
+def has_alpha(img: Image.Image) -> bool:
+    """Whether the image carries transparency (an alpha channel, or a transparent palette entry)."""
+    return img.mode in _ALPHA_MODES or "transparency" in img.info
+
+
+def load_upright(path: Path) -> Image.Image:
+    """Decode ``path`` upright (EXIF rotation applied) in its own mode, or raise :class:`ImageError` naming it."""
     path = Path(path)
     img = _open(path)
     try:
         with img:
             img.load()
             try:
-                upright = ImageOps.exif_transpose(img)
+                return ImageOps.exif_transpose(img)
             except Exception as err:  # broken EXIF must not cost the image
                 log.warning("ignoring the unreadable EXIF orientation of %s: %s", path, err)
-                upright = img.copy()
-        return to_rgb(upright)
+                return img.copy()
     except ImageError:
         raise
     except MemoryError:

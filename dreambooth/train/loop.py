@@ -1,9 +1,8 @@
 """The training run: set up from the config, then epochs of steps with previews, saves and pauses at their
 intervals, reported through ``status.json``. ``Trainer.run`` reads as an outline. The loop never asks which training
-method it runs (what trains, and how, is ``methods/``); one step's loss is ``step.py``, saves and crash recovery
-``saving.py``, out-of-memory handling ``oom.py``, previews and class images ``sample.py``, speed and memory switches
-``caches.py``, ``precision.py``, ``fused.py``, ``speed.py``; a run in several processes (each its share of every
-batch, rank 0 the only writer) ``distributed.py``.
+method it runs (``methods/``); one step's loss is ``step.py``, its batch ``batch.py``, saves and crash recovery
+``saving.py``, validation ``validation.py``, out-of-memory handling ``oom.py``, previews ``sample.py``, speed and
+memory ``caches.py``, ``precision.py``, ``fused.py``, ``speed.py``; several processes ``distributed.py``.
 
 No host sync per step: losses stay on the device in ``pending_losses`` and are read once per status write
 (:meth:`Trainer._report`). Previews free every gradient first; offloaded modules come back only for them.
@@ -31,11 +30,12 @@ from ..preflight import check_run
 from ..sample import Sampler, SampleSettings, fill_class_folders
 from ..store import ModelDir
 from . import oom
-from .batch import make_batch
+from .batch import BatchMaker
 from .caches import LatentCache, Offloader, TextEmbeddingCache, offload_idle
 from .distributed import CANCEL, SingleProcess, from_environment, global_batch
 from .methods import MethodContext, SavePoint, Weights, method_class
 from .models import load_models, set_attention
+from .noise import use_zero_terminal_snr
 from .optimizers import build_optimizer
 from .options import RunOptions, attention_for, autocast_dtype, pick_device  # noqa: F401 - tests use loop's
 from .precision import WeightPrecision, check_weight_precision
@@ -43,7 +43,8 @@ from .saving import NAN_HINT, Saver, restore_rng, rng_states
 from .schedules import make_lr_scheduler
 from .speed import compile_unet
 from .status import Cancelled
-from .step import Batch, StepSettings, compute_loss
+from .step import StepSettings, compute_loss
+from .validation import StoppedEarly, Validation
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,9 @@ class Trainer:
                 if self.cfg.save_on_cancel and self.step > 0 and self.ranks.main:  # rank 0 saves; the others wait
                     self._save()  # a failing save here ends as "failed", below
                 self._finish("cancelled", f"cancelled at step {self.step}")
+            except StoppedEarly as stop:  # rank 0's decision (at a save): the others stop at their next step
+                self.ranks.stop(CANCEL)
+                self._finish("done", str(stop))
             else:
                 lowered = "" if self.micro_batch == math.ceil(self.batch / self.ranks.world) else \
                     f" (with batch {self.micro_batch} after running out of memory)"
@@ -129,6 +133,8 @@ class Trainer:
         self._to_device()
         self.class_dirs = [self.model.class_images(i, c.class_data_dir) for i, c in enumerate(self.concepts)]
         self.ranks.by_main(self._generate_class_images)  # the others wait for rank 0's class images
+        if cfg.zero_terminal_snr:  # after the class images: they are the untrained model's, with its own schedule
+            use_zero_terminal_snr(self.models.noise_scheduler, self.models.scheduler_config)
         class_dirs = [d if c.num_class_images_per > 0 else None for c, d in zip(self.concepts, self.class_dirs,
                                                                                    strict=True)]
         self.data = TrainingData(self.concepts, self.resolution, enable_buckets=cfg.enable_buckets, seed=cfg.seed,
@@ -147,10 +153,13 @@ class Trainer:
         self._make_optimizer()
         self.method.ready()
         self.saver = Saver(self.model, cfg, self.opts, self.method, self.status)
+        self.validation = Validation(cfg, self.data, self.models, self.device, self.status, self.autocast,
+                                     self.method.added_modules(), self.model.logs if self.ranks.main else None)
         if self.opts.resume and self._load_resume_state():
             self.status.truncate_loss_log(self.step)  # the steps after it are trained (and logged) again
         else:  # this run's steps count from 1 again (a resume without a resume state says so)
             self.status.start_new_loss_log(self.base_revision, self.model.checkpoints if self.opts.resume else None)
+        self.validation.start_log(self.opts.resume, self.base_revision)
         self.status.note(self.saver.check_first_save(self._trained_weights(), self._trainer_state(), self.optimizer))
         self._prepare_caches()
         self.ranks.check_same(self.trained_params)
@@ -188,6 +197,7 @@ class Trainer:
             self._preview()
         if last or cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0:
             self._save()
+            self.validation.stop_if_stale()
         if cfg.pause_every_n_epochs and epoch % cfg.pause_every_n_epochs == 0 and not last:
             self._sleep(cfg.pause_seconds, f"pausing {cfg.pause_seconds:g} s after epoch {epoch}")
 
@@ -217,22 +227,20 @@ class Trainer:
             self.status.note(compile_unet(m.unet))
 
     def _prepare_caches(self) -> None:
-        """The text embedding cache; with offloading, fill the caches up front and move the idle models off."""
+        """The text embedding cache and the batch maker; with offloading, fill the caches up front and move the idle
+        models off."""
         cfg = self.cfg
         if cfg.cache_text_embeddings and not self.method.trains_conditioning:
             self.text_cache = TextEmbeddingCache(self.models, cfg.clip_skip, self.autocast, self.device)
+        self.batches = BatchMaker(cfg, self.models, self.data, self.latents, self.method, self.text_cache,
+                                  self.text_encoder_steps)
         if cfg.offload_frozen_models:
             if cfg.cache_latents:
                 self.status.update(force=True, state="caching", message="caching latents")
             frozen = self.step >= self.text_encoder_steps  # from now on: the text cache can stand in for them
+            written = lambda: self.batches.written_prompts(self.data.all_examples())  # noqa: E731 - shuffled: later
             self.offloader = offload_idle(self.models, self.device, self.latents, self.text_cache,
-                                          self._written_prompts if frozen else None, cfg.hflip, cfg.long_prompts)
-
-    def _written_prompts(self) -> list[str]:
-        """Every example's prompt as written (shuffled tags make new prompts, encoded when they come)."""
-        rng = random.Random(0)  # unused without shuffling; the training RNG streams are not touched
-        return [self.method.expand_prompt(self.data.prompt_for(ex, shuffle=False, keep_tokens=self.cfg.keep_tokens,
-                                                               rng=rng)) for ex in self.data.all_examples()]
+                                          written if frozen else None, cfg.hflip, cfg.long_prompts)
 
     def _make_optimizer(self) -> None:
         cfg = self.cfg
@@ -257,7 +265,7 @@ class Trainer:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
                 "base_revision": self.base_revision, **rng_states(self.device), **self.method.state_dict(),
-                **self.ranks.state(self.batch)}
+                **self.validation.state_dict(), **self.ranks.state(self.batch)}
 
     def _load_resume_state(self) -> bool:
         state = self.resume
@@ -270,6 +278,7 @@ class Trainer:
         self.optimizer.load_state_dict(t["optimizer"])
         self.lr_scheduler.load_state_dict(t["lr_scheduler"])
         self.method.load_state_dict(t)
+        self.validation.load_state_dict(t)
         self.step, self.epoch, self.batch_in_epoch = t["step"], t["epoch"], t["batch_in_epoch"]
         self.base_revision = t["base_revision"]
         restore_rng(t, self.device)
@@ -324,7 +333,8 @@ class Trainer:
             batch_loss = 0.0
             for whole, rows, share in self.ranks.pieces(examples, self.micro_batch):  # this process's rows
                 oom.oom_point(self.step + 1, len(whole[rows]))
-                loss, _ = compute_loss(self.models, self._make_batch(whole, rng, rows), settings, generator)
+                loss, _ = compute_loss(self.models, self.batches.make(whole, rng, self.step, rows), settings,
+                                       generator)
                 loss = loss * share
                 (self.scaler.scale(loss / len(group)) if self.scaler else loss / len(group)).backward()
                 batch_loss = batch_loss + loss.detach()
@@ -355,11 +365,6 @@ class Trainer:
         if self.offloader is not None and self.text_cache is not None:
             self.offloader.offload(list(self.models.text_encoders))  # frozen from now on: the cache stands in
 
-    def _make_batch(self, whole: list[Example], rng: random.Random, rows: slice) -> Batch:
-        frozen = self.text_cache is not None and self.step >= self.text_encoder_steps  # the cache stands in
-        return make_batch(self.cfg, whole, rows, rng, self.data, self.method.expand_prompt, self.latents,
-                          self.models.tokenizers, self.text_cache if frozen else None)
-
     # ------------------------------------------------------------------------------------------------ events
     def _save_point(self) -> SavePoint:
         return SavePoint(self.step, self.base_revision + self.step, self.epoch, self.data.tag_prompts())
@@ -369,9 +374,12 @@ class Trainer:
             return self.method.trained_weights()
 
     def _save(self) -> None:
-        """A save (``saving.py``): the free disk space is checked first, and the resume state is written first."""
-        self.saver.save(self._save_point(), self._trained_weights, self._trainer_state)
+        """A save (``saving.py``): the free disk space is checked first, and the resume state is written first; the
+        validation loss is measured before (the resume state keeps it), and the best saves are kept after."""
+        self.validation.measure(self.step, self.epoch, self.batches)
+        exported = self.saver.save(self._save_point(), self._trained_weights, self._trainer_state)
         self.saves.append(self.step)
+        self.validation.saved(self.step, exported)
 
     def _preview(self) -> None:
         for p in self.trained_params:

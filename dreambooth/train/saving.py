@@ -73,9 +73,10 @@ class Saver:
         return f"a save writes about {format_bytes(sum(sizes.values()))} ({parts})"
 
     def save(self, at: SavePoint, weights: Callable[[], Weights], trainer_state: Callable[[], dict[str, Any]]
-             ) -> None:
+             ) -> list[Path]:
         """A resume state, the method's files, the config's progress and the export, all atomic; ``weights`` and
-        ``trainer_state`` are asked for once the status says the run is saving."""
+        ``trainer_state`` are asked for once the status says the run is saving. Returns the files exported into the
+        host's folders."""
         self.status.update(force=True, state="saving", message=f"saving at step {at.step}")
         trained = weights()
         broken = next((f"{c}.{k}" for c, state in trained.items() for k, v in state.items()
@@ -87,9 +88,10 @@ class Saver:
         check_disk_space(self.sizes(trained, at.step, state), at.step, self.previous)
         save_state(self.model.checkpoints, at.step, state, trained, self.cfg.keep_resume_states)
         fault_point("save")  # test hook: the new resume state is in place, the rest is not
-        self._write_outputs(trained, at)
+        exported = self._write_outputs(trained, at)
         self.previous = at.step
         self.status.update(force=True, state="running", message=f"saved at step {at.step}")
+        return exported
 
     def recover(self, at: SavePoint, weights: Callable[[], Weights]) -> bool:
         """After a resume from a save that was cut off after its resume state (a crash, a kill), write that save's
@@ -107,16 +109,20 @@ class Saver:
         self.status.update(force=True, state="running", message=f"saved at step {at.step}")
         return True
 
-    def _write_outputs(self, weights: Weights, at: SavePoint) -> None:
-        """The parts of a save after the resume state: the method's files, progress, export."""
-        for path in self.method.save_outputs(weights, at):
+    def _write_outputs(self, weights: Weights, at: SavePoint) -> list[Path]:
+        """The parts of a save after the resume state: the method's files, progress, export. Returns the files
+        exported into the host's folders."""
+        exported = list(self.method.save_outputs(weights, at))
+        for path in exported:
             self.status.update(last_export=str(path))
         save_progress(self.model.path, at.revision, at.epoch)
         fault_point("save")
         dest = self.export_path(at.step)
         if dest is not None:
             clean_stale_temps(dest.parent, re.escape(self.model.name) + r"_\d+\.(safetensors|yaml)")
-            self.status.update(last_export=str(self.method.export_checkpoint(dest)))
+            exported.append(self.method.export_checkpoint(dest))
+            self.status.update(last_export=str(exported[-1]))
+        return exported
 
     def export_path(self, step: int) -> Path | None:
         """Where this step's checkpoint export goes (when the method exports one and exports are on), else None."""

@@ -34,9 +34,10 @@ SETTING_GROUPS = {
     "images": "Image processing and prompts",
     "loss": "Loss and text encoder",
     "saving": "Saving",
+    "validation": "Validation",
 }
 CONCEPT_GROUPS = {"instance": "Instance images", "class": "Class images (prior preservation)",
-                  "samples": "Previews"}
+                  "samples": "Previews", "validation": "Validation"}
 
 
 @dataclass(frozen=True)
@@ -186,11 +187,12 @@ class StepEstimate:
 
 
 def shown_for_method(method: str, controls: list[Control], optimizer: str | None = None,
-                     values: Mapping[str, Any] | None = None) -> list[bool]:
-    """Which of ``controls`` apply to the training method and optimizer (the rest are hidden, e.g. LoRA rank for
-    DreamBooth, Adam's betas for Adafactor); ``optimizer`` None: any; ``values``: the settings others require
-    (``FieldSpec.requires``: the LoKr factor shows for LoRA type lokr), a name not given: any value."""
-    return [control.spec.applies(method, optimizer, values) for control in controls]
+                     values: Mapping[str, Any] | None = None, prediction: str | None = None) -> list[bool]:
+    """Which of ``controls`` apply to the training method, optimizer and the model's prediction type (the rest are
+    hidden, e.g. LoRA rank for DreamBooth, Adam's betas for Adafactor, zero terminal SNR for epsilon models);
+    ``optimizer`` / ``prediction`` None: any; ``values``: the settings others require (``FieldSpec.requires``: the
+    LoKr factor shows for LoRA type lokr), a name not given: any value."""
+    return [control.spec.applies(method, optimizer, values, prediction) for control in controls]
 
 
 def estimate_steps(concepts: list[Concept], epochs: int, batch_size: int, grad_accum: int,
@@ -213,6 +215,7 @@ def estimate_steps(concepts: list[Concept], epochs: int, batch_size: int, grad_a
             continue
         path = Path(folder).expanduser()
         images = sum(1 for f in path.iterdir() if is_image_file(f)) if path.is_dir() else 0
+        images = max(0, images - concept.validation_holdout)  # held out for validation: they do not train
         per = images * concept.repeats * (2 if concept.num_class_images_per > 0 else 1)
         items += per
         prior = " x 2 (prior preservation)" if concept.num_class_images_per > 0 else ""

@@ -18,7 +18,10 @@ from typing import Any, Protocol
 
 from ..config import METHODS, Concept, TrainConfig, load_config
 from ..errors import UserError, import_failure
+from ..families import FAMILIES
 from ..store import ModelDir, list_models, open_model
+from ..train.validation_log import LOG_NAME as VALIDATION_LOG
+from ..train.validation_log import read_log
 from . import compat
 from .form import CONCEPT_PANELS, Control, all_controls, config_to_values, estimate_steps, values_to_config
 from .output import LossLog, load_previews, log_tail, loss_svg, message_html, newest_samples, status_html
@@ -237,6 +240,15 @@ class TabHandlers:
         return [message_html(f"loaded the settings of {md.name}{note}", "ok"), self.info(md, cfg),
                 self.config_steps_html(cfg), *config_to_values(cfg, self.controls)]
 
+    def prediction_type(self, name: str | None) -> str | None:
+        """What the model's UNet predicts ("epsilon" / "v_prediction"; None without a readable model), so the tab
+        hides the settings that need the other kind."""
+        try:
+            family = FAMILIES.get(load_config(self.model(name).path).family) if name else None
+        except UserError:
+            return None
+        return family.prediction_type if family is not None else None
+
     def import_kohya(self, name: str | None, source: str, reg_folder: str) -> list[Any]:
         """[message, model info, step count, *control values] after filling the concepts from a kohya dataset."""
         from ..data.kohya import import_kohya
@@ -389,6 +401,7 @@ class TabHandlers:
         status, running = self._status(md)
         with self._loss_lock:
             points = list(self.loss_log.points(md.logs / "loss.csv"))
+        validation = read_log(md.logs / VALIDATION_LOG)
         samples = newest_samples(md.samples, GALLERY_SIZE)
         signature = [md.name] + [f"{p.name}:{p.stat().st_mtime_ns}" for p in samples if p.exists()]
         gallery = self.no_change()
@@ -408,7 +421,7 @@ class TabHandlers:
         if log_signature != seen.get("log"):
             worker_log, seen["log"] = text, log_signature
         paused = status is not None and status.get("state") == "paused"
-        return [status_html(status, running, md.name), loss_svg(points), gallery, worker_log,
+        return [status_html(status, running, md.name), loss_svg(points, validation), gallery, worker_log,
                 compat.update(value="Resume" if paused else "Pause"), seen]
 
     def _status(self, md: ModelDir) -> tuple[dict[str, Any] | None, bool]:

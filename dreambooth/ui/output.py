@@ -142,13 +142,16 @@ def _bucket(points: list[tuple[int, float]], limit: int) -> list[tuple[float, fl
     return out
 
 
-def loss_svg(points: list[tuple[int, float]], width: int = 480, height: int = 150) -> str:
-    """An inline SVG line chart of loss over steps (bucket means when there are many points)."""
+def loss_svg(points: list[tuple[int, float]], validation: list[tuple[int, float]] | None = None, width: int = 480,
+             height: int = 150) -> str:
+    """An inline SVG line chart of loss over steps (bucket means when there are many points), with the validation
+    loss of each save (``logs/validation.csv``) as a second line of dots when there is one."""
     data = _bucket(points, LOSS_POINTS)
     if len(data) < 2:
         return "<div class='db-loss db-empty'>loss chart: no data yet</div>"
+    valid = [(float(s), v) for s, v in validation or [] if math.isfinite(v)]
     pad_l, pad_r, pad_t, pad_b = 44, 8, 8, 20
-    xs, ys = [s for s, _ in data], [v for _, v in data]
+    xs, ys = [s for s, _ in data + valid], [v for _, v in data + valid]
     x0, x1 = min(xs), max(xs)
     y0, y1 = min(ys), max(ys)
     if x1 == x0:
@@ -165,15 +168,22 @@ def loss_svg(points: list[tuple[int, float]], width: int = 480, height: int = 15
 
     path = " ".join(f"{'M' if i == 0 else 'L'}{px(x):.1f},{py(y):.1f}" for i, (x, y) in enumerate(data))
     last = points[-1]
+    val_svg = val_caption = ""
+    if valid:
+        val_path = " ".join(f"{'M' if i == 0 else 'L'}{px(x):.1f},{py(y):.1f}" for i, (x, y) in enumerate(valid))
+        dots = "".join(f"<circle cx='{px(x):.1f}' cy='{py(y):.1f}' r='2.5' class='db-val-dot'/>" for x, y in valid)
+        val_svg = f"<path d='{val_path}' class='db-val-line' fill='none' stroke-dasharray='4 3'/>{dots}"
+        val_caption = f"; validation loss at step {int(valid[-1][0]):,}: {valid[-1][1]:.4g}"
     return (f"<div class='db-loss'><svg viewBox='0 0 {width} {height}' width='100%' preserveAspectRatio='none' "
             f"role='img' aria-label='loss over steps'>"
             f"<rect x='{pad_l}' y='{pad_t}' width='{pw}' height='{ph}' class='db-loss-bg'/>"
-            f"<path d='{path}' class='db-loss-line' fill='none'/>"
+            f"<path d='{path}' class='db-loss-line' fill='none'/>{val_svg}"
             f"<text x='{pad_l - 4}' y='{pad_t + 10}' text-anchor='end' class='db-loss-label'>{y1:.3g}</text>"
             f"<text x='{pad_l - 4}' y='{pad_t + ph}' text-anchor='end' class='db-loss-label'>{y0:.3g}</text>"
             f"<text x='{pad_l}' y='{height - 4}' class='db-loss-label'>step {int(x0)}</text>"
             f"<text x='{width - pad_r}' y='{height - 4}' text-anchor='end' class='db-loss-label'>step {int(x1)}"
-            f"</text></svg><div class='db-loss-caption'>loss at step {last[0]:,}: {last[1]:.4g}</div></div>")
+            f"</text></svg><div class='db-loss-caption'>loss at step {last[0]:,}: {last[1]:.4g}{val_caption}"
+            "</div></div>")
 
 
 # ------------------------------------------------------------------------------------------------ previews, log

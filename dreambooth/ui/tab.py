@@ -223,10 +223,11 @@ def build_tab(host: Host) -> Any:
         compat.on(poll.click, guard(len(poll_outputs))(handlers.poll), [model, seen], poll_outputs, queue=False,
                   show_progress="hidden")
 
-        # settings that do not apply to the chosen training method, optimizer or other choices (FieldSpec.requires:
-        # the LoKr settings to LoRA type lokr) are hidden, whole groups too
+        # settings that do not apply to the chosen training method, optimizer, the model's prediction type or other
+        # choices (FieldSpec.requires: the LoKr settings to LoRA type lokr) are hidden, whole groups too
         def depends(control: Control) -> bool:
-            return any(x is not None for x in (control.spec.methods, control.spec.optimizers, control.spec.requires))
+            spec = control.spec
+            return any(x is not None for x in (spec.methods, spec.optimizers, spec.predictions, spec.requires))
 
         required = sorted({c.spec.requires[0] for c in config_controls if c.spec.requires})
 
@@ -234,13 +235,14 @@ def build_tab(host: Host) -> Any:
         dependent_groups = [(accordion, controls) for accordion, controls in groups.values()
                             if all(depends(c) for c in controls)]
 
-        def show_for(method: str, optimizer: str, *others: Any) -> list[Any]:
+        def show_for(method: str, optimizer: str, name: str | None, *others: Any) -> list[Any]:
+            prediction = handlers.prediction_type(name)
             values = dict(zip(required, others, strict=True))
-            updates = [compat.update(visible=v) for v in shown_for_method(method, dependent, optimizer, values)]
-            return updates + [compat.update(visible=any(shown_for_method(method, cs, optimizer, values)))
-                              for _, cs in dependent_groups]
+            shown = lambda cs: shown_for_method(method, cs, optimizer, values, prediction)  # noqa: E731
+            updates = [compat.update(visible=v) for v in shown(dependent)]
+            return updates + [compat.update(visible=any(shown(cs))) for _, cs in dependent_groups]
 
-        choice = [made["dbt_method"], made["dbt_optimizer"], *(made[f"dbt_{name}"] for name in required)]
+        choice = [made["dbt_method"], made["dbt_optimizer"], model, *(made[f"dbt_{name}"] for name in required)]
         for trigger in choice:
             compat.on(trigger.change, show_for, choice,
                       [made[c.elem_id] for c in dependent] + [a for a, _ in dependent_groups], queue=False)
