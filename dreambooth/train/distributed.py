@@ -30,6 +30,7 @@ import math
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -87,6 +88,21 @@ def global_batch(batch_size: int, processes: int, saved: Mapping[str, Any] | Non
     batch = int(saved.get("global_batch", batch_size * then)) if saved else planned
     return batch, (f"resumed with {processes} process(es) a run saved with {then}: it keeps its global batch of "
                    f"{batch}, {math.ceil(batch / processes)} image(s) per process and step, and goes on as planned")
+
+
+def _destroy_group(dist: Any, wait_s: float = 30.0) -> None:
+    """Tear the process group down once every process has finished (the last agreement). torch 2.1's gloo can hang
+    in ``destroy_process_group`` when another process has already gone: it runs in a daemon thread, and a process
+    whose teardown does not end within ``wait_s`` goes on and exits (its sockets close with it)."""
+    def destroy() -> None:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+    thread = threading.Thread(target=destroy, name="destroy-process-group", daemon=True)
+    thread.start()
+    thread.join(wait_s)
+    if thread.is_alive():
+        log.warning("the process group did not close within %.0f s; exiting without it", wait_s)
 
 
 class QuietStatus:
@@ -280,8 +296,7 @@ class Ranks(SingleProcess):
             raise
         finally:
             self._finish()
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group()
+            _destroy_group(dist)
 
     # ------------------------------------------------------------------------------------------------ agreeing
     def _gather(self, item: Any) -> list[Any]:

@@ -376,6 +376,7 @@ class Trainer:
     def _save(self) -> None:
         """A save (``saving.py``): the free disk space is checked first, and the resume state is written first; the
         validation loss is measured before (the resume state keeps it), and the best saves are kept after."""
+        self._report(force=True)  # the steps up to the save are in loss.csv before it: a kill after it loses none
         self.validation.measure(self.step, self.epoch, self.batches)
         exported = self.saver.save(self._save_point(), self._trained_weights, self._trainer_state)
         self.saves.append(self.step)
@@ -395,12 +396,12 @@ class Trainer:
         self.previews.append(self.step)
         self.status.update(force=True, samples=[str(p) for p in written])
 
-    def _report(self) -> None:
+    def _report(self, force: bool = False) -> None:
         if not self.ranks.main:
             self.pending_losses.clear()  # rank 0 reports (the losses are summed over the processes)
             return
         now = time.time()
-        if not self.status.due() and self.step < self.total_steps:
+        if not (force or self.status.due()) and self.step < self.total_steps:
             return
         losses = [(s, e, float(t), lrs) for s, e, t, lrs in self.pending_losses]  # the one host sync per report
         self.pending_losses.clear()
