@@ -376,7 +376,8 @@ class Trainer:
     def _save(self) -> None:
         """A save (``saving.py``): the free disk space is checked first, and the resume state is written first; the
         validation loss is measured before (the resume state keeps it), and the best saves are kept after."""
-        self._report(force=True)  # the steps up to the save are in loss.csv before it: a kill after it loses none
+        if self.pending_losses:  # the steps up to the save are in loss.csv before it: a kill after it loses none
+            self._report(force=True)
         self.validation.measure(self.step, self.epoch, self.batches)
         exported = self.saver.save(self._save_point(), self._trained_weights, self._trainer_state)
         self.saves.append(self.step)
