@@ -83,14 +83,18 @@ class TrainingData:
     # ------------------------------------------------------------------------------------------------ scanning
 
     def _scan_instances(self, index: int, concept: Concept) -> list[Example]:
+        return self._scan_prompted(index, concept, concept.instance_data_dir, "instance images", "images")
+
+    def _scan_prompted(self, index: int, concept: Concept, folder: str, what: str, counted: str) -> list[Example]:
+        """The usable images of ``folder`` with the concept's instance prompt; refuses a folder with none."""
         name = _concept_name(index, concept)
         try:
-            paths = list_images(concept.instance_data_dir, "instance images")
+            paths = list_images(folder, what)
         except UserError as err:
             raise UserError(f"{name}: {err.message}", err.hint) from None
         examples = self._scan(paths, index, concept.instance_prompt, is_class=False)
         if not examples:
-            raise UserError(f"{name}: none of the {len(paths)} images in {concept.instance_data_dir} can be used "
+            raise UserError(f"{name}: none of the {len(paths)} {counted} in {folder} can be used "
                             f"({self._first_reason(paths)})", "fix or replace the images listed in the log")
         return examples
 
@@ -110,16 +114,8 @@ class TrainingData:
     def _scan_validation(self, index: int, concept: Concept) -> list[Example]:
         if not concept.validation_data_dir.strip():
             return []
-        name = _concept_name(index, concept)
-        try:
-            paths = list_images(concept.validation_data_dir, "validation images")
-        except UserError as err:
-            raise UserError(f"{name}: {err.message}", err.hint) from None
-        examples = self._scan(paths, index, concept.instance_prompt, is_class=False)
-        if not examples:
-            raise UserError(f"{name}: none of the {len(paths)} validation images in {concept.validation_data_dir} "
-                            f"can be used ({self._first_reason(paths)})", "fix or replace the images listed in the log")
-        return examples
+        return self._scan_prompted(index, concept, concept.validation_data_dir, "validation images",
+                                   "validation images")
 
     def _scan_classes(self, index: int, concept: Concept, override: Path | None) -> list[Example]:
         if concept.num_class_images_per <= 0:
