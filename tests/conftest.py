@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -19,6 +20,9 @@ from dreambooth.create import create_model  # noqa: E402
 from dreambooth.demo import make_concept_images  # noqa: E402
 from dreambooth.store import ModelDir  # noqa: E402
 from dreambooth.tiny import TINY_RESOLUTION, write_tiny_checkpoint  # noqa: E402
+
+if TYPE_CHECKING:
+    from dreambooth.train.loop import Trainer
 
 # tiny models gain nothing from threads, and two OpenMP threads on a busy 2-core machine spin each other to a crawl
 torch.set_num_threads(1)
@@ -70,6 +74,22 @@ def make_training_model(root: Path, source: Path, name: str = "m", images: int =
         setattr(cfg, key, value)
     cfg.save(md.path)
     return md
+
+
+def train_here(md: ModelDir, **opts) -> Trainer:
+    """Train ``md`` in this process on the CPU (no signal handlers: pytest keeps its own), and return the trainer."""
+    from dreambooth.train.loop import RunOptions, Trainer
+
+    trainer = Trainer(md, RunOptions(device="cpu", install_signal_handlers=False, **opts))
+    trainer.run()
+    return trainer
+
+
+def unet_weights(md: ModelDir) -> dict[str, torch.Tensor]:
+    """The trained UNet's weights in the model's ``working/`` folder."""
+    from safetensors.torch import load_file
+
+    return load_file(str(md.working / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
 def working_files(md) -> dict[Path, bytes]:

@@ -17,7 +17,8 @@ import csv
 import pytest
 import torch
 from conftest import cancelled_at, make_training_model
-from safetensors.torch import load_file
+from conftest import train_here as run
+from conftest import unet_weights as unet
 
 from dreambooth import compat
 from dreambooth.data.images import list_images
@@ -38,16 +39,6 @@ needs_cpu_8bit = pytest.mark.skipif(_EIGHT_BIT is not None, reason=f"{_EIGHT_BIT
 @pytest.fixture()
 def sd1(tiny_checkpoint):
     return tiny_checkpoint("sd1")
-
-
-def run(md, **opts) -> Trainer:
-    trainer = Trainer(md, RunOptions(device="cpu", install_signal_handlers=False, **opts))
-    trainer.run()
-    return trainer
-
-
-def unet(md) -> dict[str, torch.Tensor]:
-    return load_file(str(md.working / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
 def losses(md) -> list[float]:

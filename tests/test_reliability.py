@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_training_model
-from safetensors.torch import load_file
+from conftest import train_here as run
+from conftest import unet_weights as unet
 
 from dreambooth.atomic import fault_point
 from dreambooth.compat import is_out_of_memory
@@ -22,16 +23,6 @@ from dreambooth.train.loop import RunOptions, Trainer
 from dreambooth.train.resume import latest_state, list_states, load_state, save_state
 
 Usage = namedtuple("Usage", "total used free")
-
-
-def run(md, **opts) -> Trainer:
-    trainer = Trainer(md, RunOptions(device="cpu", install_signal_handlers=False, **opts))
-    trainer.run()
-    return trainer
-
-
-def unet(md) -> dict[str, torch.Tensor]:
-    return load_file(str(md.working / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
 def snapshot(*folders: Path) -> dict[str, bytes]:

@@ -10,6 +10,7 @@ from collections import namedtuple
 
 import pytest
 from conftest import make_training_model
+from conftest import train_here as _run
 from test_api import Host, make_client
 
 from dreambooth import jobs
@@ -17,7 +18,7 @@ from dreambooth.cli import main
 from dreambooth.config import TrainConfig
 from dreambooth.errors import UserError
 from dreambooth.train import saving as saving_module
-from dreambooth.train.loop import RunOptions, Trainer
+from dreambooth.train.loop import Trainer
 from dreambooth.train.methods import method_class
 from dreambooth.train.status import read_status
 from dreambooth.ui.handlers import TabHandlers, guarded
@@ -25,12 +26,6 @@ from dreambooth.ui.output import status_html
 
 Usage = namedtuple("Usage", "total used free")
 TI = dict(method="textual_inversion", embedding_token="zwx-style", learning_rate=5e-3)
-
-
-def _run(md, **opts) -> Trainer:
-    trainer = Trainer(md, RunOptions(device="cpu", install_signal_handlers=False, **opts))
-    trainer.run()
-    return trainer
 
 
 def _loss_rows(path) -> list[str]:

@@ -13,6 +13,7 @@ import time
 
 import pytest
 from conftest import cancelled_at, make_training_model
+from conftest import train_here as run
 
 from dreambooth import jobs, lock
 from dreambooth.compat import is_out_of_memory
@@ -23,12 +24,6 @@ from dreambooth.train import loop as loop_module
 from dreambooth.train.loop import RunOptions, Trainer
 from dreambooth.train.oom import OOM_ENV, oom_point
 from dreambooth.train.status import StatusWriter
-
-
-def run(md, **opts) -> Trainer:
-    trainer = Trainer(md, RunOptions(device="cpu", install_signal_handlers=False, **opts))
-    trainer.run()
-    return trainer
 
 
 def dead_pid() -> int:

@@ -9,6 +9,8 @@ from unittest import mock
 import pytest
 import torch
 from conftest import cancelled_at, make_training_model
+from conftest import train_here as run
+from conftest import unet_weights as unet
 from safetensors.torch import load_file
 
 from dreambooth.errors import UserError
@@ -23,18 +25,8 @@ from dreambooth.train.precision import WeightPrecision, round_generator, stochas
 PLAIN = dict(cache_text_embeddings=False, epochs=2, images=2)
 
 
-def run(md, **opts) -> Trainer:
-    trainer = Trainer(md, RunOptions(device="cpu", install_signal_handlers=False, **opts))
-    trainer.run()
-    return trainer
-
-
 def losses(md) -> list[float]:
     return [float(r["loss"]) for r in csv.DictReader(open(md.logs / "loss.csv"))]
-
-
-def unet(md) -> dict[str, torch.Tensor]:
-    return load_file(str(md.working / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
 @pytest.fixture()

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 from conftest import make_training_model
+from conftest import train_here as run
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -22,12 +23,6 @@ from dreambooth.train.optimizers import adamw_8bit_problem
 from dreambooth.train.resume import list_states
 from dreambooth.train.schedules import lr_multiplier
 from dreambooth.ui.output import status_html
-
-
-def run(md, **opts) -> Trainer:
-    trainer = Trainer(md, RunOptions(device="cpu", install_signal_handlers=False, **opts))
-    trainer.run()
-    return trainer
 
 
 def weights(md, component="unet"):

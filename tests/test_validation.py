@@ -7,20 +7,14 @@ import math
 
 import pytest
 from conftest import make_training_model
+from conftest import train_here as run
 from safetensors.torch import load_file
 
 from dreambooth.demo import make_concept_images
 from dreambooth.errors import UserError
-from dreambooth.train.loop import RunOptions, Trainer
 from dreambooth.train.validation import Record, Validation
 from dreambooth.train.validation_log import LOG_NAME, read_log
 from dreambooth.ui.output import loss_svg
-
-
-def run(md, **opts) -> Trainer:
-    trainer = Trainer(md, RunOptions(device="cpu", install_signal_handlers=False, **opts))
-    trainer.run()
-    return trainer
 
 
 def test_the_validation_loss_curve_is_written_to_logs_at_each_save(tmp_path, tiny_checkpoint):
