@@ -134,10 +134,10 @@ def plan(matrix: Matrix, eight_bit: bool) -> tuple[list[tuple[Case, str]], list[
         if case.memory_only or not recipes:
             rows += [(case, p) for p in case.profiles]
             continue
-        keys = {baseline_settings(p, eight_bit).like_key(): p for p in recipes}
+        keys = {baseline_settings(p, eight_bit).like_key(case.method): p for p in recipes}
         order: list[str] = []
         for ours in ours_rows:
-            key = baseline_settings(LIKE_PREFIX + ours, eight_bit).like_key()
+            key = baseline_settings(LIKE_PREFIX + ours, eight_bit).like_key(case.method)
             keys.setdefault(key, LIKE_PREFIX + ours)
             pairs.append((case.key, ours, keys[key]))
             order += [p for p in (ours, keys[key]) if p not in order]

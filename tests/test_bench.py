@@ -134,6 +134,24 @@ def test_baseline_lora_leaves_the_output_unchanged_at_init_and_trains_only_its_o
     assert all(p.grad is None for p in unet.parameters() if not any(p is q for q in params))
 
 
+def test_like_for_like_baseline_lora_adapts_the_layers_ours_adapts():
+    """baseline-as-ours rows put LoRA on our layers (every Linear and 1x1 conv of each transformer block), so the
+    comparison holds the LoRA work equal; the recipe rows keep the diffusers scripts' attention projections."""
+    from diffusers import UNet2DConditionModel
+
+    from bench.baseline import add_lora
+    from dreambooth.train.lora import LoraNetwork, LoraSettings
+
+    config = {k: v for k, v in tiny_config("sd1", "unet").items() if not k.startswith("_")}
+    ours = LoraNetwork({"unet": UNet2DConditionModel.from_config(config)},
+                       LoraSettings(rank=4, train_text_encoder=False), "sd1")
+    as_ours = add_lora(UNet2DConditionModel.from_config(config), rank=4, alpha=4.0, layers="ours")
+    recipe = add_lora(UNet2DConditionModel.from_config(config), rank=4, alpha=4.0)
+    assert len(as_ours) == 2 * len(ours.names("unet"))
+    assert sum(p.numel() for p in as_ours) == sum(p.numel() for p in ours.parameters_for("unet"))
+    assert len(recipe) < len(as_ours)  # the scripts adapt fewer layers
+
+
 def test_each_row_of_ours_starts_from_our_defaults_not_the_previous_rows_profile(tmp_path):
     from bench.matrix import Case, profile_overrides
     from bench.measure import StepClock
