@@ -81,6 +81,8 @@ def merge_kohya_lora(pipe, lora_file: Path, multiplier: float = 1.0) -> int:
     targets: dict[str, nn.Module] = {}
     for prefix, root in (("lora_unet_", pipe.unet), ("lora_te_", pipe.text_encoder)):
         for name, module in root.named_modules():
+            if prefix == "lora_te_" and not name.startswith("text_model."):
+                name = "text_model." + name  # transformers >= 5: CLIPTextModel has no text_model level; the keys do
             if isinstance(module, nn.Linear | nn.Conv2d):
                 targets[prefix + name.replace(".", "_")] = module
     bases = sorted({k.split(".")[0] for k in state})
