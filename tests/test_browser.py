@@ -125,9 +125,18 @@ def test_create_train_and_watch_in_a_real_browser(server, tmp_path):
                 page.locator(f"#{elem_id}").first.locator("input, textarea").first.fill(str(value))
 
             def pick(elem_id: str, value: str) -> None:
-                page.locator(f"#{elem_id} input").first.click()
+                """Open the dropdown and click ``value``; again until it is there (a click that came before the page
+                was ready opens nothing), up to the backstop."""
                 option = re.compile(rf"^\W*{re.escape(value)}\s*$")
-                page.locator(f"#{elem_id} ul.options li").filter(has_text=option).first.click()
+                deadline = time.monotonic() + BACKSTOP_MS / 1000
+                while True:
+                    page.locator(f"#{elem_id} input").first.click()
+                    try:
+                        page.locator(f"#{elem_id} ul.options li").filter(has_text=option).first.click(timeout=3_000)
+                        return
+                    except PlaywrightTimeout:
+                        assert time.monotonic() < deadline, f"{value!r} never appeared in the list #{elem_id}"
+                        page.keyboard.press("Escape")
 
             def open_group(elem_id: str) -> None:
                 page.locator(f"#{elem_id} .label-wrap").first.click()
