@@ -92,32 +92,20 @@ def eight_bit_status(device: torch.device) -> tuple[bool, str]:
     return (True, "") if problem is None else (False, f"8-bit AdamW not used: {problem}")
 
 
-class LoraLinear(torch.nn.Module):
-    """A frozen Linear plus a trainable low-rank update ``up(down(x)) * alpha / rank`` (peft's LoRA Linear math:
-    gaussian down with std 1/rank, zero up)."""
+class LoraLayer(torch.nn.Module):
+    """A frozen Linear or 1x1 convolution (SD 1.x's ``proj_in`` / ``proj_out``) plus a trainable low-rank update
+    ``up(down(x)) * alpha / rank`` of the same kind (peft's LoRA math: gaussian down with std 1/rank, zero up)."""
 
-    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float) -> None:
+    def __init__(self, base: torch.nn.Linear | torch.nn.Conv2d, rank: int, alpha: float) -> None:
         super().__init__()
         self.base = base
-        self.down = torch.nn.Linear(base.in_features, rank, bias=False, device=base.weight.device)
-        self.up = torch.nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)
-        torch.nn.init.normal_(self.down.weight, std=1 / rank)
-        torch.nn.init.zeros_(self.up.weight)
-        self.scale = alpha / rank
-
-    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        return self.base(x) + self.up(self.down(x)) * self.scale
-
-
-class LoraConv(torch.nn.Module):
-    """A frozen 1x1 convolution plus a trainable low-rank update, as :class:`LoraLinear` (SD 1.x's ``proj_in`` and
-    ``proj_out`` are 1x1 convolutions)."""
-
-    def __init__(self, base: torch.nn.Conv2d, rank: int, alpha: float) -> None:
-        super().__init__()
-        self.base = base
-        self.down = torch.nn.Conv2d(base.in_channels, rank, 1, bias=False, device=base.weight.device)
-        self.up = torch.nn.Conv2d(rank, base.out_channels, 1, bias=False, device=base.weight.device)
+        device = base.weight.device
+        if isinstance(base, torch.nn.Linear):
+            self.down = torch.nn.Linear(base.in_features, rank, bias=False, device=device)
+            self.up = torch.nn.Linear(rank, base.out_features, bias=False, device=device)
+        else:
+            self.down = torch.nn.Conv2d(base.in_channels, rank, 1, bias=False, device=device)
+            self.up = torch.nn.Conv2d(rank, base.out_channels, 1, bias=False, device=device)
         torch.nn.init.normal_(self.down.weight, std=1 / rank)
         torch.nn.init.zeros_(self.up.weight)
         self.scale = alpha / rank
@@ -152,12 +140,9 @@ def add_lora(unet: torch.nn.Module, rank: int, alpha: float, layers: str = "reci
     trainable parameters."""
     params: list[torch.nn.Parameter] = []
     for parent, attr, base in _lora_layers(unet, layers):
-        if isinstance(base, torch.nn.Linear):
-            lora: torch.nn.Module = LoraLinear(base, rank, alpha)
-        elif isinstance(base, torch.nn.Conv2d):
-            lora = LoraConv(base, rank, alpha)
-        else:
+        if not isinstance(base, torch.nn.Linear | torch.nn.Conv2d):
             continue
+        lora = LoraLayer(base, rank, alpha)
         setattr(parent, attr, lora)  # a ModuleList / Sequential takes its index as the name
         params += [lora.down.weight, lora.up.weight]
     return params

@@ -116,7 +116,7 @@ def test_an_out_of_memory_error_is_recognised_through_the_trainers_user_error():
 def test_baseline_lora_leaves_the_output_unchanged_at_init_and_trains_only_its_own_weights():
     from diffusers import UNet2DConditionModel
 
-    from bench.baseline import LoraLinear, add_lora
+    from bench.baseline import LoraLayer, add_lora
 
     torch.manual_seed(0)
     config = {k: v for k, v in tiny_config("sd1", "unet").items() if not k.startswith("_")}
@@ -125,7 +125,7 @@ def test_baseline_lora_leaves_the_output_unchanged_at_init_and_trains_only_its_o
     before = unet(*args, **kwargs).sample
     unet.requires_grad_(False)
     params = add_lora(unet, rank=4, alpha=4.0)
-    wrapped = [m for m in unet.modules() if isinstance(m, LoraLinear)]
+    wrapped = [m for m in unet.modules() if isinstance(m, LoraLayer)]
     assert wrapped and len(params) == 2 * len(wrapped)
     after = unet(*args, **kwargs).sample
     torch.testing.assert_close(after, before)  # up starts at zero: the LoRA adds nothing until it trains
