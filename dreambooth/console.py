@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-FINAL_STATES = ("done", "failed", "cancelled")
+from .run_states import FINAL_STATES
+
 # states whose message changes as they go (one per batch of class images): said at most every ``every_s`` seconds
 PROGRESS_MESSAGE_STATES = ("generating_class_images",)
 

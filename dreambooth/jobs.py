@@ -28,6 +28,7 @@ from . import gpus, lock, platform_compat
 from .atomic import write_json
 from .config import ATTENTION_MODES, load_concepts_file, load_config
 from .errors import ConfigError, UserError
+from .run_states import ACTIVE_STATES
 from .store import ModelDir
 from .train.status import CANCEL_FILE, clear_requests_of, read_status, request_cancel, request_pause, request_unpause
 
@@ -35,8 +36,6 @@ log = logging.getLogger(__name__)
 
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent  # the folder that contains this copy of the package
 WORKER_LOG = "worker.log"
-ACTIVE_STATES = ("starting", "generating_class_images", "running", "paused", "saving", "sampling")
-FINAL_STATES = ("done", "failed", "cancelled")
 LOG_TAIL_LINES = 40
 LOG_TAIL_CHARS = 8000
 JOBS = ("train", "sample")  # the worker's commands

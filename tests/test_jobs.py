@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -19,7 +20,9 @@ from dreambooth import jobs, lock, platform_compat
 from dreambooth.config import Concept, TrainConfig
 from dreambooth.demo import make_concept_images
 from dreambooth.errors import ConfigError, UserError
+from dreambooth.run_states import ACTIVE_STATES, STATES
 from dreambooth.store import ModelDir, model_dir
+from dreambooth.ui import output
 
 
 def dead_pid() -> int:
@@ -272,6 +275,35 @@ def test_a_trainer_run_without_the_lock_counts_by_the_pid_in_its_status(tmp_path
         proc.wait()
     md.status_path.write_text(json.dumps({"state": "paused", "pid": proc.pid, "started_at": time.time()}))
     assert not jobs.running(md) and jobs.status(md)["state"] == "failed"
+
+
+@pytest.mark.parametrize("state", ACTIVE_STATES)
+def test_a_run_in_any_active_state_counts_as_running_and_as_failed_once_its_process_is_gone(tmp_path, state):
+    md = fake_model(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        md.status_path.write_text(json.dumps({"state": state, "pid": proc.pid, "started_at": time.time() - 1}))
+        assert jobs.running(md) and jobs.status(md)["state"] == state
+        assert output.status_html(jobs.status(md), True, "m").count(state.replace("_", " ")) >= 1
+    finally:
+        proc.kill()
+        proc.wait()
+    gone = jobs.status(md)
+    assert not gone["running"] and gone["state"] == "failed" and f"while {state}" in gone["message"], gone
+    assert "stopped" in output.status_html(json.loads(md.status_path.read_text()), False, "m")
+
+
+def test_every_state_the_code_writes_is_one_declared_in_run_states():
+    package = Path(jobs.__file__).resolve().parent
+    written: set[str] = set()
+    for path in package.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        written |= set(re.findall(r"""\bstate=["']([a-z_]+)["']""", text))
+        written |= set(re.findall(r"""["']state["']\s*:\s*["']([a-z_]+)["']""", text))
+        if path.name != "run_states.py":
+            assert not re.search(r"^(ACTIVE|FINAL)_STATES\s*=", text, re.M), f"{path} declares its own list"
+    assert {"caching", "sampling", "running", "done"} <= written
+    assert written - {"idle", "stopped"} <= set(STATES), written - set(STATES)
 
 
 def test_command_line_of_the_real_worker(tmp_path):

@@ -21,6 +21,7 @@ from typing import Any
 from .. import platform_compat
 from ..atomic import write_json
 from ..gpus import Plan
+from ..run_states import ACTIVE_STATES
 from ..store import ModelDir
 from .distributed import RESUME_HINT
 from .status import CANCEL_FILE, read_status
@@ -28,7 +29,6 @@ from .status import CANCEL_FILE, read_status
 log = logging.getLogger(__name__)
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder that holds this copy of the package
-ACTIVE_STATES = ("starting", "generating_class_images", "running", "paused", "saving")
 
 
 def launcher_args(plan: Plan, worker_argv: list[str]) -> list[str]:

@@ -25,7 +25,6 @@ from ..store import ModelDir
 
 log = logging.getLogger(__name__)
 
-STATES = ("starting", "generating_class_images", "running", "paused", "saving", "done", "failed", "cancelled")
 CANCEL_FILE = "cancel.request"
 LOSS_HEADER = "step,epoch,loss,lr\n"
 PAUSE_FILE = "pause.request"

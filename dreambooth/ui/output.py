@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..run_states import ACTIVE_STATES
+
 log = logging.getLogger(__name__)
 
-ACTIVE_STATES = ("starting", "generating_class_images", "running", "paused", "saving", "sampling")
 LOSS_POINTS = 400  # the chart draws at most this many points (the loss log is bucketed to it)
 LOG_TAIL_BYTES = 16384
 
