@@ -507,8 +507,8 @@ def create_router(host: Any) -> APIRouter:
 
     @router.post("/models/{name}/sample")
     async def sample(name: str) -> Response:
-        """Previews of the working weights now, with the saved config, made by a worker ("Generate samples now");
-        202 at once, the result in .../status (``samples``) and .../samples."""
+        """Previews of what the model has trained (its last save) now, with the saved config, made by a worker
+        ("Generate samples now"); 202 at once, the result in .../status (``samples``) and .../samples."""
         from .sample_job import check_previews
 
         md = _open(host, name)

@@ -1,4 +1,4 @@
-""""Generate samples now": previews of a model's working weights, made by a worker process as training is.
+""""Generate samples now": previews of what a model has trained, made by a worker process as training is.
 
 The tab and the API start it with ``jobs.start(..., job="sample")``, which runs ``python -m dreambooth sample NAME``
 (:func:`run_sample_job`): never inside the WebUI's process, so a crash or an out-of-memory error ends the worker
@@ -9,7 +9,8 @@ GPU meanwhile), honours a cancel, and says what it made in ``status.json`` (``jo
 The images are made as the trainer's previews are (:class:`sample.Sampler`: the config's scheduler, clip skip,
 attention and mixed precision). Where the mixed precision is fp16 or bf16 the weights are held in it too: sampling
 needs no fp32 master weights, so that halves the memory the trainer's fp32 weights would take (the VAE still decodes
-in fp32 or bf16, never fp16: ``sample._decode``).
+in fp32 or bf16, never fp16: ``sample._decode``). A LoRA, an embedding or a hypernetwork is not in the working
+weights: the last save's resume state puts it on them (:func:`saved_method`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +30,9 @@ from .errors import UserError
 from .lock import acquire, acquire_device, device_key
 from .sample import Sampler, SampleSettings
 from .store import ModelDir
+
+if TYPE_CHECKING:
+    from .train.methods import TrainingMethod
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +53,9 @@ def check_previews(cfg: TrainConfig) -> None:
 
 def sample_now(model: ModelDir, cfg: TrainConfig, device: str | None, attention_default: str = "sdp",
                after_each: Any = None) -> list[Path]:
-    """Previews of ``model``'s working weights for each concept of ``cfg``, as the trainer makes them (same
-    settings, attention and precision), named ``now_step<steps>_<tag>_c<concept>_<n>.png``. ``after_each()`` runs
+    """Previews of what ``model`` has trained for each concept of ``cfg``, as the trainer makes them (same
+    settings, attention and precision), named ``now_step<steps>_<tag>_c<concept>_<n>.png``: its working weights,
+    with the last save's LoRA, embedding or hypernetwork on them (:func:`saved_method`). ``after_each()`` runs
     after each image (a cancel check)."""
     from .train.models import load_models, set_attention
     from .train.options import attention_for, autocast_dtype, pick_device
@@ -60,20 +65,48 @@ def sample_now(model: ModelDir, cfg: TrainConfig, device: str | None, attention_
     dev = pick_device(device)
     set_attention(models, attention_for(cfg.attention, attention_default))
     autocast = autocast_dtype(cfg.mixed_precision, dev)
-    for module in (models.unet, models.vae, *models.text_encoders):
+    method = saved_method(model, cfg, models, dev)
+    added = method.added_modules() if method is not None else []
+    for module in (models.unet, models.vae, *models.text_encoders, *added):
         module.to(dev, dtype=autocast or torch.float32)
     tag = secrets.token_hex(3)
     sampler: Sampler | None = None
     try:
-        sampler = Sampler(models, dev, SampleSettings.from_config(cfg, autocast))
+        sampler = Sampler(models, dev, SampleSettings.from_config(cfg, autocast),
+                          method.expand_prompt if method is not None else None)
         return sampler.previews(concepts, cfg.resolution or models.family.resolution, model.samples,
                                 lambda c, n: f"now_step{cfg.revision:06d}_{tag}_c{c}_{n}",
                                 {"step": str(cfg.revision), "epoch": str(cfg.epochs_trained), "model": model.name,
                                  "kind": "manual"}, after_each)
     finally:
-        del sampler, models  # the weights go before the cache is emptied
+        del sampler, models, method, added  # the weights go before the cache is emptied
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def saved_method(model: ModelDir, cfg: TrainConfig, models: Any, device: torch.device) -> TrainingMethod | None:
+    """The config's training method with its last save's weights on ``models``, where what it trains lives beside
+    the model (LoRA, textual inversion, a hypernetwork: the working weights stay the base's); None for full
+    DreamBooth (a save writes the working weights) and for a model with no save yet (nothing trained to show)."""
+    from .train.methods import MethodContext, method_class
+    from .train.resume import latest_state
+
+    cls = method_class(cfg.method)
+    if not cls.trains_beside_model:
+        return None
+    state = latest_state(model.checkpoints)
+    if state is None:
+        log.info("%s has no save yet: the previews show the model without %s weights", model.name, cfg.method)
+        return None
+    method = cls(MethodContext(cfg, models, device, model))
+    try:
+        method.restore(state.weights)
+    except KeyError:
+        raise UserError(f"the last save ({state.path.name}) holds no {cfg.method} weights: it was made with "
+                        "another training method", f"train this model as {cfg.method} first, or set the method "
+                        "it was trained with") from None
+    log.info("previews with the %s weights of %s", cfg.method, state.path.name)
+    return method
 
 
 def run_sample_job(model: ModelDir, device: str | None = None, attention_default: str = "sdp") -> dict[str, Any]:

@@ -3,17 +3,20 @@ config's clip skip, mixed precision and attention through it, and the VAE decode
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_training_model
+from conftest import make_training_model, train_here
 from PIL import Image
+from safetensors.torch import load_file
 
 from dreambooth import sample as sample_module
 from dreambooth.config import Concept, load_config
 from dreambooth.create import create_model
+from dreambooth.errors import UserError
 from dreambooth.sample import Sampler, SampleSettings
 from dreambooth.sample_job import sample_now
 from dreambooth.train import models as models_module
@@ -186,3 +189,59 @@ def test_generate_now_samples_with_the_configs_attention_and_precision(tmp_path,
     cfg.attention = "auto"
     sample_now(md, cfg, "cpu", attention_default="sdp")
     assert attention[-1] == "sdp"  # auto: the host's choice
+
+
+def _pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(method="lora", learning_rate=5e-2),
+    dict(method="hypernetwork", hypernetwork_layer_structure="1, 2, 1", hypernetwork_activation="relu",
+         hypernetwork_layer_norm=False, learning_rate=1.0),
+], ids=lambda s: s["method"])
+def test_generate_now_shows_what_the_method_trained_not_the_base_model(tmp_path, tiny_checkpoint, settings):
+    """A LoRA or a hypernetwork is not in the working weights: "Generate samples now" puts the last save's on them,
+    so its image is the trainer's own last preview (same seed), not the base model's."""
+    md = make_training_model(tmp_path, tiny_checkpoint("sd1"), epochs=1, images=2, preview_every_n_epochs=1,
+                             **settings)
+    trainer = train_here(md, lora_dir=tmp_path / "Lora", embeddings_dir=tmp_path / "embeddings",
+                         hypernetworks_dir=tmp_path / "hypernetworks")
+    trained = _pixels(md.samples / f"step{trainer.previews[-1]:06d}_c0_0.png")
+    cfg = load_config(md.path)
+    now = _pixels(sample_now(md, cfg, "cpu", attention_default="sdp")[0])
+    base = _pixels(sample_now(md, dataclasses.replace(cfg, method="dreambooth"), "cpu", attention_default="sdp")[0])
+    moved = np.abs(base - trained).mean()
+    assert moved > 1.0, f"training changed the preview by {moved:.3f} of 255 only: the test shows nothing"
+    assert np.abs(now - trained).mean() < moved / 10
+    other = "hypernetwork" if settings["method"] == "lora" else "lora"
+    with pytest.raises(UserError, match=f"holds no {other} weights: it was made with another training method"):
+        sample_now(md, dataclasses.replace(cfg, method=other), "cpu", attention_default="sdp")
+
+
+def test_generate_now_samples_a_textual_inversion_with_its_saved_vectors(tmp_path, tiny_checkpoint, monkeypatch):
+    """The tiny model's image hardly depends on its prompt, so this one looks at the prompt and the vectors the
+    text encoder is given: the word expanded to its tokens, and each token's vector the one the run saved."""
+    md = make_training_model(tmp_path, tiny_checkpoint("sd1"), epochs=1, images=2, method="textual_inversion",
+                             embedding_token="zwx-style", embedding_vectors=2, embedding_init_word="disc",
+                             learning_rate=5e-2, save_checkpoint=True,
+                             concept=dict(instance_prompt="a photo of zwx-style"))
+    train_here(md, embeddings_dir=tmp_path / "embeddings")
+    saved = load_file(str(tmp_path / "embeddings" / "zwx-style.safetensors"))["emb_params"].float()
+    seen, real = [], sample_module.generate_images
+
+    def spy(p, req, seeds, device=None, autocast=None):
+        ids = p.tokenizer.convert_tokens_to_ids(["zwx-style", "zwx-style_1"])
+        with torch.no_grad():
+            seen.append((req.prompt, p.text_encoder.get_input_embeddings()(torch.tensor([ids]))[0].float()))
+        return real(p, req, seeds, device, autocast)
+
+    monkeypatch.setattr(sample_module, "generate_images", spy)
+    sample_now(md, load_config(md.path), "cpu", attention_default="sdp")
+    [(prompt, vectors)] = seen
+    assert prompt == "a photo of zwx-style zwx-style_1"
+    assert torch.allclose(vectors, saved, atol=1e-3), (vectors - saved).abs().max()
+    base = load_models(md.working, "sd1")
+    disc = base.text_encoders[0].get_input_embeddings().weight[base.tokenizers[0]("disc", add_special_tokens=False)
+                                                                 .input_ids].mean(0)
+    assert (saved - disc).abs().max() > 1e-2  # it trained away from the word it started from

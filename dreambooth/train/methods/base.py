@@ -82,6 +82,9 @@ class TrainingMethod:
     trains_conditioning: ClassVar[bool] = False
     #: a save also exports a single-file checkpoint (into the host's checkpoint folder, when exports are on)
     exports_checkpoint: bool = False
+    #: what trains lives beside the model (an adapter, a word, a hypernetwork) and the working weights stay the
+    #: base's: previews of a saved run ("Generate samples now") put the last save's weights back (:meth:`restore`)
+    trains_beside_model: ClassVar[bool] = True
 
     def __init__(self, ctx: MethodContext) -> None:
         self.ctx = ctx
@@ -149,6 +152,12 @@ class TrainingMethod:
     def load_weights(self, weights: Weights) -> None:
         """Put a resume state's weights (:meth:`trained_weights`) back."""
         raise NotImplementedError
+
+    def restore(self, weights: Weights) -> None:
+        """Outside a run (previews of a saved one): make what trains as :meth:`setup` does and put a resume state's
+        weights (:meth:`trained_weights`) in. A method whose text encoders may train or not says which from them."""
+        self.setup(0)
+        self.load_weights(weights)
 
     def state_dict(self) -> dict[str, Any]:
         """Trainer state beside the weights for the resume state (an EMA)."""

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 class DreamBooth(TrainingMethod):
     name = "dreambooth"
     exports_checkpoint = True
+    trains_beside_model = False  # each save writes the trained weights as the working weights
 
     @classmethod
     def memory(cls, cfg: TrainConfig, counts: Mapping[str, Any]) -> MemoryShare:

@@ -69,6 +69,11 @@ class Lora(TrainingMethod):
     def load_weights(self, weights: Weights) -> None:
         self.network.load_kohya_state_dict(weights[KEY])
 
+    def restore(self, weights: Weights) -> None:
+        # the text encoders have adapters where the run trained them (a ratio that gave it no step: none)
+        self.setup(1 if any(k.startswith("lora_te") for k in weights[KEY]) else 0)
+        self.load_weights(weights)
+
     def output_sizes(self, weights: Weights) -> dict[Path, int]:
         size = sum(v.numel() * (2 if v.is_floating_point() else v.element_size())  # saved in fp16
                    for v in weights[KEY].values())
