@@ -116,6 +116,9 @@ def test_create_train_and_watch_in_a_real_browser(server, tmp_path):
         browser = p.chromium.launch_persistent_context(str(tmp_path / "chromium-profile"),
                                                        executable_path=str(CHROMIUM), headless=True,
                                                        args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 1000})
+        # every wait and action may take up to the backstop on a loaded machine (playwright's own default is 30 s);
+        # the short explicit timeouts below are retried within it
+        browser.set_default_timeout(BACKSTOP_MS)
         try:
             page = browser.new_page()
             page.goto(url)
