@@ -4,10 +4,10 @@
 // data-db-tick. While a run is active this script clicks the tab's Refresh button (#dreambooth_poll) about once a
 // second, one request at a time (the next click waits until the previous answer changed data-db-tick), which
 // refreshes the progress bar, loss chart, gallery and log; and it puts the percentage in the page title.
-// Once the page is up it also refreshes the model and checkpoint lists (they are filled when the tab is built,
-// which in the WebUI is once, at start). The worker-log box (#dreambooth_log) follows its newest line: when new
-// lines come it is scrolled to the bottom, unless the user has scrolled up to read (gradio 3's textbox shows its
-// top). It starts from the WebUI's onUiLoaded when that exists, and on its own in the standalone app.
+// The worker-log box (#dreambooth_log) follows its newest line: when new lines come it is scrolled to the bottom,
+// unless the user has scrolled up to read (gradio 3's textbox shows its top). It starts from the WebUI's onUiLoaded
+// when that exists, and on its own in the standalone app. (The model and checkpoint lists are read again at each
+// page load by the tab's own load events, not from here: a click before gradio takes events is lost.)
 (function () {
   "use strict";
 
@@ -17,7 +17,6 @@
   var clickedTick = null;
   var baseTitle = null;
   var started = false;
-  var listsRefreshed = false;
 
   function root() {
     if (typeof gradioApp === "function") {
@@ -52,16 +51,6 @@
     }
   }
 
-  function refreshLists() {
-    var models = root().querySelector("#dreambooth_refresh_models");
-    var sources = root().querySelector("#dreambooth_refresh_sources");
-    if (models && sources) {
-      listsRefreshed = true;
-      models.click();
-      sources.click();
-    }
-  }
-
   function atBottom(box) {
     return box.scrollTop + box.clientHeight >= box.scrollHeight - 4;
   }
@@ -86,9 +75,6 @@
   }
 
   function tick() {
-    if (!listsRefreshed) {
-      refreshLists();
-    }
     followLog();
     var block = statusBlock();
     if (!block) {

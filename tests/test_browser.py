@@ -138,7 +138,9 @@ def test_create_train_and_watch_in_a_real_browser(server, tmp_path):
                         page.locator(f"#{elem_id} ul.options li").filter(has_text=option).first.click(timeout=3_000)
                         return
                     except PlaywrightTimeout:
-                        assert time.monotonic() < deadline, f"{value!r} never appeared in the list #{elem_id}"
+                        if time.monotonic() > deadline:
+                            seen = page.locator(f"#{elem_id} ul.options li").all_inner_texts()
+                            raise AssertionError(f"{value!r} never appeared in #{elem_id}; it lists {seen}") from None
                         page.keyboard.press("Escape")
 
             def open_group(elem_id: str) -> None:
@@ -197,7 +199,7 @@ def test_create_train_and_watch_in_a_real_browser(server, tmp_path):
             # the page script polls: the bar moves and the title shows the percentage
             wait_js(f"() => {{ const e = {status_attr}; return e && parseFloat(e.dataset.dbProgress) > 0 }}")
             first = float(page.locator("#dreambooth_status [data-db-progress]").first.get_attribute("data-db-progress"))
-            assert re.match(r"^\[\d+%\] ", page.title())
+            wait_js("() => /^\\[\\d+%\\] /.test(document.title)")  # set by the page script's next tick (250 ms)
             if first < 1:  # (a slow page may first see the run at its end)
                 wait_js(f"() => {{ const e = {status_attr}; return e && parseFloat(e.dataset.dbProgress) > {first} }}")
             # a preview appears in the gallery, with its prompt

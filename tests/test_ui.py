@@ -561,6 +561,26 @@ def test_tab_renders_inside_a_host_page(built):
     assert {"dreambooth_status", "dreambooth_poll", "dbt_epochs", "dbt_c2_sample_steps"} <= ids
 
 
+def test_each_page_load_reads_the_model_and_checkpoint_lists_again(built):
+    """The lists are filled when the tab is built, in the WebUI once at its start: a model made since then must
+    appear when the page is opened again. gradio's load events do that once the page takes events (the page script
+    clicked Refresh instead, and a click before gradio was ready was lost: the list lacked the new model, CI16)."""
+    demo, _, _ = built
+    gr = compat.gradio()
+    with gr.Blocks(analytics_enabled=False) as page, gr.Tabs(), gr.Tab("Dreambooth", id="dreambooth"):
+        demo.render()
+    config = page.get_config_file()
+    names = {c["id"]: c.get("props", {}).get("elem_id") for c in config["components"]}
+    loaded = set()
+    for dep in config["dependencies"]:
+        triggers = {dep.get("trigger")} | {t[1] for t in dep.get("targets", []) if isinstance(t, list | tuple)}
+        if "load" in triggers:  # gradio 3: trigger "load", no targets; gradio 4: the target (page id, "load")
+            loaded |= {names.get(i) for i in dep["outputs"]}
+    assert {"dreambooth_model", "dreambooth_source"} <= loaded, loaded
+    script = (Path(__file__).resolve().parents[1] / "javascript" / "dreambooth.js").read_text(encoding="utf-8")
+    assert "dreambooth_refresh_models" not in script  # no second, racing refresh from the page script
+
+
 def test_refreshing_the_lists_keeps_a_pick_and_drops_a_deleted_model(model):
     md, host, handlers = model
     assert handlers.refresh_models("m") == compat.update(choices=["m"])

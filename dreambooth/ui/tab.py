@@ -205,6 +205,11 @@ def build_tab(host: Host) -> Any:
 
         compat.on(refresh_models.click, guard(1)(handlers.refresh_models), [model], [model], queue=False)
         compat.on(refresh_sources.click, guard(1)(handlers.refresh_checkpoints), [source], [source], queue=False)
+        # the lists are filled when the tab is built (in the WebUI: once, at start): each page load reads them again.
+        # gradio fires load events once the page takes events; a click on Refresh from the page script could come
+        # before that and be lost (the list then lacked a model made since the start: CI16)
+        compat.on(demo.load, guard(1)(handlers.refresh_models), [model], [model], queue=False)
+        compat.on(demo.load, guard(1)(handlers.refresh_checkpoints), [source], [source], queue=False)
         then_poll(compat.on(model.select, guard(len(form_outputs))(filling(handlers.load)), [model], form_outputs,
                             queue=False))
         then_poll(compat.on(load.click, guard(len(form_outputs))(filling(handlers.load)), [model], form_outputs,
