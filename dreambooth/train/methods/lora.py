@@ -15,7 +15,7 @@ import torch
 from ...atomic import clean_stale_temps, fault_point
 from ...config import TrainConfig
 from ...export import export_checkpoint
-from ..lora import LoraNetwork, LoraSettings, lora_metadata, save_lora
+from ..lora import LoraNetwork, LoraSettings, lora_metadata, lora_prefix, save_lora
 from ..lora_merge import merged_components
 from .base import MemoryShare, ParamGroup, SavePoint, TrainingMethod, Weights, add_size, cpu_copies
 
@@ -70,8 +70,10 @@ class Lora(TrainingMethod):
         self.network.load_kohya_state_dict(weights[KEY])
 
     def restore(self, weights: Weights) -> None:
-        # the text encoders have adapters where the run trained them (a ratio that gave it no step: none)
-        self.setup(1 if any(k.startswith("lora_te") for k in weights[KEY]) else 0)
+        # the text encoders have adapters where the run trained them (a ratio that gave it no step: none): any key
+        # that is not the UNet's is a text encoder's
+        unet = lora_prefix("unet", self.cfg.family)
+        self.setup(1 if any(not k.startswith(unet) for k in weights[KEY]) else 0)
         self.load_weights(weights)
 
     def output_sizes(self, weights: Weights) -> dict[Path, int]:
