@@ -197,9 +197,10 @@ def _pixels(path) -> np.ndarray:
 
 @pytest.mark.parametrize("settings", [
     dict(method="lora", learning_rate=5e-2),
+    dict(method="lora", learning_rate=5e-2, text_encoder_ratio=1.0),  # adapters on the text encoder too
     dict(method="hypernetwork", hypernetwork_layer_structure="1, 2, 1", hypernetwork_activation="relu",
          hypernetwork_layer_norm=False, learning_rate=1.0),
-], ids=lambda s: s["method"])
+], ids=["lora", "lora-text-encoder", "hypernetwork"])
 def test_generate_now_shows_what_the_method_trained_not_the_base_model(tmp_path, tiny_checkpoint, settings):
     """A LoRA or a hypernetwork is not in the working weights: "Generate samples now" puts the last save's on them,
     so its image is the trainer's own last preview (same seed), not the base model's."""
